@@ -1,0 +1,290 @@
+"""llm.c model and training-state files, checkpoint naming, resume and retention.
+
+Model file (llmc-facts.md §1): 256 int32 header (magic 20240326, version 3 = fp32 or 5 = bf16,
+maxT, V, L, NH, C, Vp), then every parameter back to back in `model.param_shapes` order.
+State file (§2.2): 256 int32 header (magic 20240527, version 1, step, rng states, loader position),
+then AdamW m and v, the optional fp32 master weights and, when the train loader shuffles, its
+permutations and Mersenne-Twister state. Files are written atomically and a `DONE_%08d` marker is
+written last, so a directory never advertises a half-written checkpoint (§2.1, §2.3, §2.4).
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from llmpy.data import atomic_write
+from llmpy.errors import LlmpyError
+from llmpy.model import GPTConfig, num_parameters
+from llmpy.rng import MT_STATE_BYTES
+
+MODEL_MAGIC = 20240326
+MODEL_VERSIONS = {3: "fp32", 5: "bf16"}          # header version -> payload dtype
+STATE_MAGIC = 20240527
+STATE_VERSION = 1
+HEADER_BYTES = 1024                              # 256 int32 slots
+CONVERT_CHUNK = 1 << 24                          # elements per bf16 conversion chunk (bounded memory)
+
+# -------------------------------------------------------------------------------------------------
+# bfloat16 <-> float32 (bit patterns; bf16 is the upper half of an fp32)
+
+
+def f32_to_bf16_bits(a) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest, ties to even) and return the uint16 bit patterns.
+
+    Overflow rounds to +-inf as in hardware; NaNs stay NaN (quieted, sign kept).
+    """
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))   # NaN may wrap; fixed below
+    out = (rounded >> 16).astype(np.uint16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        out[nan] = ((bits[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)
+    return out
+
+
+def bf16_bits_to_f32(u) -> np.ndarray:
+    """Widen uint16 bfloat16 bit patterns to float32 (exact)."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# -------------------------------------------------------------------------------------------------
+# Model files
+
+
+def _read_header(path: str, what: str) -> tuple[np.ndarray, int]:
+    """The 256 int32 header slots and the file size; LlmpyError if missing or too short."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if len(raw) < HEADER_BYTES:
+        raise LlmpyError(f"{path}: {size} bytes, too small for the 1024-byte {what} header")
+    return np.frombuffer(raw, dtype="<i4").copy(), size
+
+
+def read_model_header(path: str) -> tuple[GPTConfig, int]:
+    """Validate an llm.c model file's header and size; return (config, version 3 or 5)."""
+    h, size = _read_header(path, "model file")
+    if h[0] != MODEL_MAGIC:
+        raise LlmpyError(f"{path}: bad magic {h[0]} (expected {MODEL_MAGIC}); not an llm.c model file")
+    version = int(h[1])
+    if version not in MODEL_VERSIONS:
+        raise LlmpyError(f"{path}: model version {version} is not supported (3 = fp32 or 5 = bf16; "
+                         f"re-export older files with llm.c's train_gpt2.py)")
+    maxT, V, L, NH, C, Vp = (int(x) for x in h[2:8])
+    try:
+        cfg = GPTConfig(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=L,
+                        num_heads=NH, channels=C)
+    except ValueError as e:
+        raise LlmpyError(f"{path}: invalid model header: {e}") from None
+    itemsize = 4 if version == 3 else 2
+    expected = HEADER_BYTES + num_parameters(cfg) * itemsize
+    if size != expected:
+        raise LlmpyError(f"{path}: file is {size} bytes but its header describes {num_parameters(cfg)} "
+                         f"{MODEL_VERSIONS[version]} parameters ({expected} bytes); truncated or corrupt")
+    return cfg, version
+
+
+def model_file_size(cfg: GPTConfig, dtype: str = "fp32") -> int:
+    """Bytes of a model file: header + N parameters of 4 (fp32) or 2 (bf16) bytes."""
+    return HEADER_BYTES + num_parameters(cfg) * {"fp32": 4, "bf16": 2}[dtype]
+
+
+def load_model(path: str) -> tuple[GPTConfig, np.ndarray]:
+    """Read an fp32 (v3) or bf16 (v5) model file; return (config, flat float32 parameters)."""
+    cfg, version = read_model_header(path)
+    n = num_parameters(cfg)
+    if version == 3:
+        params = np.fromfile(path, dtype="<f4", count=n, offset=HEADER_BYTES)
+    else:
+        raw = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+        params = np.empty(n, dtype=np.float32)
+        for i in range(0, n, CONVERT_CHUNK):
+            params[i:i + CONVERT_CHUNK] = bf16_bits_to_f32(raw[i:i + CONVERT_CHUNK])
+    return cfg, params.astype(np.float32, copy=False)
+
+
+def model_header(cfg: GPTConfig, version: int) -> np.ndarray:
+    """The 256-slot int32 header llm.c writes: slots 0..7 filled, the rest zero."""
+    h = np.zeros(256, dtype="<i4")
+    h[:8] = (MODEL_MAGIC, version, cfg.max_seq_len, cfg.vocab_size, cfg.num_layers, cfg.num_heads,
+             cfg.channels, cfg.padded_vocab_size)
+    return h
+
+
+def save_model(path: str, cfg: GPTConfig, flat_params, *, dtype: str = "fp32") -> None:
+    """Write an llm.c model file (dtype "fp32" -> version 3, "bf16" -> version 5), atomically."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    params = np.ascontiguousarray(flat_params, dtype=np.float32).reshape(-1)
+    if params.size != num_parameters(cfg):
+        raise ValueError(f"{path}: {params.size} parameters given, config needs {num_parameters(cfg)}")
+    if dtype == "fp32":
+        chunks = [model_header(cfg, 3), params]
+    else:
+        chunks = [model_header(cfg, 5)]
+        chunks += (f32_to_bf16_bits(params[i:i + CONVERT_CHUNK]) for i in range(0, params.size, CONVERT_CHUNK))
+    atomic_write(path, chunks)
+
+
+# -------------------------------------------------------------------------------------------------
+# State files: slot numbers of the int32 header (uint64 values take two slots)
+
+SLOT_NUM_PROCESSES, SLOT_RANK, SLOT_MASTER, SLOT_SHUFFLE, SLOT_STEP = 2, 3, 4, 5, 10
+SLOT_RNG, SLOT_RNG_LAST_UPDATE, SLOT_SHARD_IDX, SLOT_SAMPLE_IDX = 20, 22, 30, 32
+
+
+def save_state(path: str, *, step: int, m, v, master=None, rng_state: int, rng_state_last_update: int,
+               loader_state: dict | None = None, num_processes: int = 1, rank: int = 0) -> None:
+    """Write an llm.c state file (optimizer moments, master weights, rng and loader state) atomically.
+
+    `loader_state` is `DataLoader.state_dict()`; its permutations and generator are stored only
+    when the loader shuffles (llm.c writes the shuffle section only then).
+    """
+    m = np.ascontiguousarray(m, dtype=np.float32).reshape(-1)
+    v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    if m.size != v.size or (master is not None and np.size(master) != m.size):
+        raise ValueError(f"{path}: m, v and master must have the same size")
+    ls = loader_state or {"current_shard_idx": 0, "current_sample_idx": 0, "shuffle": False}
+    shuffle = bool(ls["shuffle"])
+    header = bytearray(HEADER_BYTES)
+    for slot, value in ((0, STATE_MAGIC), (1, STATE_VERSION), (SLOT_NUM_PROCESSES, num_processes),
+                        (SLOT_RANK, rank), (SLOT_MASTER, int(master is not None)),
+                        (SLOT_SHUFFLE, int(shuffle)), (SLOT_STEP, step)):
+        struct.pack_into("<i", header, 4 * slot, value)
+    for slot, value in ((SLOT_RNG, rng_state), (SLOT_RNG_LAST_UPDATE, rng_state_last_update),
+                        (SLOT_SHARD_IDX, ls["current_shard_idx"]), (SLOT_SAMPLE_IDX, ls["current_sample_idx"])):
+        struct.pack_into("<Q", header, 4 * slot, value)
+    chunks = [header, m, v]
+    if master is not None:
+        chunks.append(np.ascontiguousarray(master, dtype=np.float32).reshape(-1))
+    if shuffle:
+        shard_perm = np.ascontiguousarray(ls["shard_perm"], dtype="<i4")
+        intra_perm = np.ascontiguousarray(ls["intra_perm"], dtype="<i4")
+        if len(ls["rng"]) != MT_STATE_BYTES:
+            raise ValueError(f"{path}: loader rng state must be {MT_STATE_BYTES} bytes")
+        chunks += [struct.pack("<Q", shard_perm.size), shard_perm,
+                   struct.pack("<Q", intra_perm.size), intra_perm, ls["rng"]]
+    atomic_write(path, chunks)
+
+
+def load_state(path: str, *, num_parameters: int, num_processes: int | None = None,
+               rank: int | None = None) -> dict:
+    """Read and validate a state file written by `save_state` or llm.c.
+
+    Returns a dict with the keys of `save_state` plus num_processes and rank; `loader_state` is
+    always a dict (position zero if none was saved). Pass num_processes/rank to require a match.
+    """
+    h, size = _read_header(path, "state file")
+    if h[0] != STATE_MAGIC:
+        raise LlmpyError(f"{path}: bad magic {h[0]} (expected {STATE_MAGIC}); not an llm.c state file")
+    if h[1] != STATE_VERSION:
+        raise LlmpyError(f"{path}: state version {h[1]} is not supported (expected {STATE_VERSION})")
+    for slot, want, name in ((SLOT_NUM_PROCESSES, num_processes, "num_processes"), (SLOT_RANK, rank, "rank")):
+        if want is not None and h[slot] != want:
+            raise LlmpyError(f"{path}: written with {name}={h[slot]}, this run has {name}={want}")
+    hb = h.tobytes()
+    u64 = lambda slot: struct.unpack_from("<Q", hb, 4 * slot)[0]  # noqa: E731
+    has_master, shuffle = bool(h[SLOT_MASTER]), bool(h[SLOT_SHUFFLE])
+    n_arrays = 3 if has_master else 2
+    offset = HEADER_BYTES + 4 * num_parameters * n_arrays
+    if size < offset or (not shuffle and size != offset):
+        raise LlmpyError(f"{path}: file is {size} bytes, expected {offset} for {num_parameters} "
+                         f"parameters ({'m, v, master' if has_master else 'm, v'}"
+                         f"{' + shuffle state' if shuffle else ''}); truncated or wrong model")
+    arrays = [np.fromfile(path, dtype="<f4", count=num_parameters, offset=HEADER_BYTES + 4 * num_parameters * i)
+              for i in range(n_arrays)]
+    loader_state = {"current_shard_idx": u64(SLOT_SHARD_IDX), "current_sample_idx": u64(SLOT_SAMPLE_IDX),
+                    "shuffle": shuffle, "shard_perm": None, "intra_perm": None, "rng": None}
+    if shuffle:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
+        try:
+            (n_shards,) = struct.unpack_from("<Q", tail, 0)
+            pos = 8 + 4 * n_shards
+            shard_perm = np.frombuffer(tail, dtype="<i4", count=n_shards, offset=8)
+            (n_samples,) = struct.unpack_from("<Q", tail, pos)
+            intra_perm = np.frombuffer(tail, dtype="<i4", count=n_samples, offset=pos + 8)
+            pos += 8 + 4 * n_samples
+        except (struct.error, ValueError):
+            raise LlmpyError(f"{path}: shuffle section is truncated") from None
+        if len(tail) != pos + MT_STATE_BYTES:
+            raise LlmpyError(f"{path}: shuffle section is {len(tail)} bytes, expected {pos + MT_STATE_BYTES} "
+                             f"for {n_shards} shards and {n_samples} samples; truncated or corrupt")
+        loader_state.update(shard_perm=shard_perm.astype(np.int32), intra_perm=intra_perm.astype(np.int32),
+                            rng=bytes(tail[pos:]))
+    return {"step": int(h[SLOT_STEP]), "m": arrays[0], "v": arrays[1],
+            "master": arrays[2] if has_master else None,
+            "rng_state": u64(SLOT_RNG), "rng_state_last_update": u64(SLOT_RNG_LAST_UPDATE),
+            "loader_state": loader_state, "num_processes": int(h[SLOT_NUM_PROCESSES]), "rank": int(h[SLOT_RANK])}
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoint directory: names, DONE markers, retention
+
+
+def model_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"model_{step:08d}.bin")
+
+
+def state_path(out_dir: str, step: int, rank: int = 0) -> str:
+    return os.path.join(out_dir, f"state_{step:08d}_{rank:05d}.bin")
+
+
+def done_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"DONE_{step:08d}")
+
+
+def latest_done_step(out_dir: str) -> int | None:
+    """The largest step with a DONE marker in out_dir (where `-y 1` resumes), or None."""
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return None
+    steps = [int(n[5:]) for n in names if n.startswith("DONE_") and n[5:].isdigit()]
+    return max(steps, default=None)
+
+
+def mark_done(out_dir: str, step: int) -> None:
+    """Write the empty DONE marker of `step` (after every file of that step is on disk)."""
+    atomic_write(done_path(out_dir, step), [])
+
+
+def write_checkpoint(out_dir: str, step: int, cfg: GPTConfig, params, *, dtype: str = "fp32",
+                     rank: int = 0, num_processes: int = 1, done: bool = True, **state) -> None:
+    """Write model (rank 0), this rank's state file, then the DONE marker (rank 0, if `done`).
+
+    `state` holds the keyword arguments of `save_state` (m, v, master, rng_state, ...). With
+    several processes pass done=False and call `mark_done` on rank 0 after a barrier, as llm.c does.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:
+        save_model(model_path(out_dir, step), cfg, params, dtype=dtype)
+    save_state(state_path(out_dir, step, rank), step=step, num_processes=num_processes, rank=rank, **state)
+    if rank == 0 and done:
+        mark_done(out_dir, step)
+
+
+def prune_checkpoints(out_dir: str, step: int, every: int, keep: int, major_every: int = 0, *,
+                      rank: int = 0) -> int | None:
+    """After writing `step`, delete the checkpoint at step - keep*every (llm.c `-nk`), if any.
+
+    Nothing is deleted when keep or every is 0, when the old step is <= 0, or when major_every > 0
+    divides it (a major checkpoint). Removes DONE first, then the model and this rank's state file.
+    Returns the deleted step or None.
+    """
+    if keep <= 0 or every <= 0:
+        return None
+    old = step - keep * every
+    if old <= 0 or (major_every > 0 and old % major_every == 0):
+        return None
+    paths = [done_path(out_dir, old), model_path(out_dir, old)] if rank == 0 else []
+    for p in paths + [state_path(out_dir, old, rank)]:
+        if os.path.exists(p):
+            os.remove(p)
+    return old
