@@ -107,3 +107,234 @@ def carve(flat, shapes: dict[str, tuple[int, ...]]) -> dict:
     if offset != flat.size:
         raise ValueError(f"buffer has {flat.size} elements, tables need {offset}")
     return views
+
+
+def act_shapes(cfg: GPTConfig, B: int, T: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every activation the backward pass needs, for a (B, T) batch."""
+    L, C, NH, Vp = cfg.num_layers, cfg.channels, cfg.num_heads, cfg.padded_vocab_size
+    HS = cfg.head_size
+    return {
+        "encoded": (B, T, C),                                   # wte[tok] + wpe[t]: residual into layer 0
+        "ln1": (L, B, T, C), "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
+        "qkv": (L, B, T, 3 * C),                                # QKV projection output
+        "qkvr": (L, 3, B, NH, T, HS),                           # q, k, v permuted per head
+        "att": (L, B, NH, T, T),                                # softmax probabilities (causal)
+        "atty": (L, B, T, C),                                   # attention output, heads re-joined
+        "attproj": (L, B, T, C),
+        "residual2": (L, B, T, C),                              # residual after the attention branch
+        "ln2": (L, B, T, C), "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
+        "fch": (L, B, T, 4 * C),                                # MLP pre-activation
+        "fch_gelu": (L, B, T, 4 * C),
+        "fcproj": (L, B, T, C),
+        "residual3": (L, B, T, C),                              # residual after the MLP branch
+        "lnf": (B, T, C), "lnf_mean": (B, T), "lnf_rstd": (B, T),
+        "logits": (B, T, Vp),                                   # overwritten in place by dlogits
+        "losses": (B, T),                                       # per-token loss, summed over micro-steps
+    }
+
+
+def grad_act_shapes(cfg: GPTConfig, B: int, T: int) -> dict[str, tuple[int, ...]]:
+    """Scratch for activation gradients during backward (reused across layers)."""
+    C, NH, HS = cfg.channels, cfg.num_heads, cfg.head_size
+    return {
+        "dresidual": (B, T, C),                                 # gradient flowing along the residual stream
+        "dbtc": (B, T, C),                                      # dlnf / dln2 / datty / dln1
+        "dbt4c": (B, T, 4 * C),                                 # dfch_gelu, then dfch in place
+        "dqkv": (B, T, 3 * C),
+        "dqkvr": (3, B, NH, T, HS), "datt": (B, NH, T, T), "dscratch": (B, NH, T, HS),
+    }
+
+
+# activations kept in float32 whatever the model dtype (llm.c keeps LN statistics and losses in fp32)
+FP32_ACTS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses")
+
+# -------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT:
+    """GPT-2 on a backend `ops` (llmpy.cpu or llmpy.gpu): flat parameters, gradients and AdamW state.
+
+    params/grads are flat buffers with named views `p`/`g` (llm.c's order). Activations are allocated
+    per batch shape on first use, so generation at B=1 does not disturb the training buffers.
+    """
+
+    def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
+        self.config, self.ops, self.xp = config, ops, ops.xp
+        self.dtype = np.dtype(dtype)
+        self.shapes = param_shapes(config)
+        self.num_parameters = num_parameters(config)
+        self.params = self.xp.zeros(self.num_parameters, dtype=self.dtype)
+        if params is not None:
+            self.params[...] = self.xp.asarray(params, dtype=self.dtype)
+        self.p = carve(self.params, self.shapes)
+        self.grads = None       # allocated lazily: inference needs no gradient memory
+        self.m = self.v = None  # AdamW moments (float32), allocated on the first update
+        self.norm = self.xp.zeros(1, dtype=np.float32)
+        self._acts = {}
+        self._train_shape = None
+
+    # ---- buffers ---------------------------------------------------------------------------------
+    def acts(self, B: int, T: int) -> dict:
+        """Activation views for a (B, T) batch, allocated once per shape."""
+        if (B, T) not in self._acts:
+            shapes = act_shapes(self.config, B, T)
+            self._acts[(B, T)] = {k: self.xp.zeros(s, dtype=np.float32 if k in FP32_ACTS else self.dtype)
+                                  for k, s in shapes.items()}
+        return self._acts[(B, T)]
+
+    def _grad_acts(self, B: int, T: int) -> dict:
+        key = ("grad", B, T)
+        if key not in self._acts:
+            self._acts[key] = {k: self.xp.zeros(s, dtype=self.dtype)
+                               for k, s in grad_act_shapes(self.config, B, T).items()}
+        return self._acts[key]
+
+    def zero_grad(self):
+        """Zero the parameter gradients and the training losses (micro-step 0 of every optimizer step)."""
+        if self.grads is None:
+            self.grads = self.xp.zeros(self.num_parameters, dtype=self.dtype)
+            self.g = carve(self.grads, self.shapes)
+        else:
+            self.grads.fill(0)
+        if self._train_shape is not None:
+            self.acts(*self._train_shape)["losses"].fill(0)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, inp):
+        """Logits for int32 tokens inp (B, T), T <= maxT. Fills the activations; returns the logits view
+        (B, T, Vp) (only the first V columns are real)."""
+        ops, p, cfg = self.ops, self.p, self.config
+        B, T = inp.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        a = self.acts(B, T)
+        ops.encoder_forward(a["encoded"], inp, p["wte"], p["wpe"])
+        ops.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
+                              p["ln1w"][0], p["ln1b"][0])
+        for l in range(cfg.num_layers):
+            residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            ops.matmul_forward(a["qkv"][l], a["ln1"][l], p["qkvw"][l], p["qkvb"][l])
+            ops.attention_forward(a["atty"][l], a["qkvr"][l], a["att"][l], a["qkv"][l])
+            ops.matmul_forward(a["attproj"][l], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
+            ops.fused_residual_forward(a["residual2"][l], a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l],
+                                       residual, a["attproj"][l], p["ln2w"][l], p["ln2b"][l])
+            ops.matmul_forward(a["fch"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l])
+            ops.gelu_forward(a["fch_gelu"][l], a["fch"][l])
+            ops.matmul_forward(a["fcproj"][l], a["fch_gelu"][l], p["fcprojw"][l], p["fcprojb"][l])
+            if l + 1 < cfg.num_layers:   # the residual add is fused with the next layer's ln1
+                ops.fused_residual_forward(a["residual3"][l], a["ln1"][l + 1], a["ln1_mean"][l + 1],
+                                           a["ln1_rstd"][l + 1], a["residual2"][l], a["fcproj"][l],
+                                           p["ln1w"][l + 1], p["ln1b"][l + 1])
+            else:                        # ... or with the final layernorm
+                ops.fused_residual_forward(a["residual3"][l], a["lnf"], a["lnf_mean"], a["lnf_rstd"],
+                                           a["residual2"][l], a["fcproj"][l], p["lnfw"], p["lnfb"])
+        ops.matmul_forward(a["logits"], a["lnf"], p["wte"], None)   # weight tying: no separate lm_head
+        return a["logits"]
+
+    def loss(self, targets) -> float:
+        """Mean cross-entropy of the last forward against int32 targets (B, T); logits are kept."""
+        a = self.acts(*targets.shape)
+        a["losses"].fill(0)
+        self.ops.fused_classifier(None, a["losses"], a["logits"], targets, 1.0 / targets.size,
+                                  self.config.vocab_size)
+        return float(a["losses"].sum()) / targets.size
+
+    # ---- backward --------------------------------------------------------------------------------
+    def mean_loss(self, num_tokens: int) -> float:
+        """Per-token losses summed over the micro-steps since zero_grad, divided by num_tokens."""
+        return float(self.acts(*self._train_shape)["losses"].sum()) / num_tokens
+
+    def backward(self, inp, targets, dloss: float, *, seed: int = 0):
+        """Backward of the last forward(inp): per-token losses ACCUMULATE into acts['losses'] (zero them at
+        micro-step 0), dlogits = dloss * (softmax - onehot) overwrite the logits, parameter gradients
+        ACCUMULATE into self.grads. dloss is 1 / (B * T * grad_accum_steps)."""
+        ops, p, cfg = self.ops, self.p, self.config
+        if self.grads is None:
+            self.zero_grad()
+        g = self.g
+        B, T = inp.shape
+        a, d = self.acts(B, T), self._grad_acts(B, T)
+        if self._train_shape != (B, T):     # the training batch shape, whose losses mean_loss reads
+            self._train_shape = (B, T)
+            a["losses"].fill(0)
+        dlogits = a["logits"]
+        ops.fused_classifier(dlogits, a["losses"], a["logits"], targets, dloss, cfg.vocab_size)
+        dresidual = d["dresidual"]
+        dresidual.fill(0)
+        ops.matmul_backward(d["dbtc"], g["wte"], None, dlogits, a["lnf"], p["wte"])
+        ops.layernorm_backward(dresidual, g["lnfw"], g["lnfb"], d["dbtc"], a["residual3"][-1], p["lnfw"],
+                               a["lnf_mean"], a["lnf_rstd"])
+        for l in reversed(range(cfg.num_layers)):
+            residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            # MLP branch; dresidual holds d(residual3[l])
+            ops.matmul_backward(d["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, a["fch_gelu"][l],
+                                p["fcprojw"][l])
+            ops.gelu_backward(d["dbt4c"], a["fch"][l], d["dbt4c"])
+            ops.matmul_backward(d["dbtc"], g["fcw"][l], g["fcb"][l], d["dbt4c"], a["ln2"][l], p["fcw"][l])
+            ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], d["dbtc"], a["residual2"][l],
+                                   p["ln2w"][l], a["ln2_mean"][l], a["ln2_rstd"][l])
+            # attention branch; dresidual now holds d(residual2[l])
+            ops.matmul_backward(d["dbtc"], g["attprojw"][l], g["attprojb"][l], dresidual, a["atty"][l],
+                                p["attprojw"][l])
+            ops.attention_backward(d["dqkv"], d["dqkvr"], d["datt"], d["dscratch"], d["dbtc"], a["qkvr"][l],
+                                   a["att"][l])
+            ops.matmul_backward(d["dbtc"], g["qkvw"][l], g["qkvb"][l], d["dqkv"], a["ln1"][l], p["qkvw"][l])
+            ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], d["dbtc"], residual, p["ln1w"][l],
+                                   a["ln1_mean"][l], a["ln1_rstd"][l])
+        ops.encoder_backward(g["wte"], g["wpe"], dresidual, inp, seed=seed)
+
+    # ---- optimizer -------------------------------------------------------------------------------
+    def grad_norm(self) -> float:
+        """Global L2 norm of all parameter gradients."""
+        self.ops.global_norm_squared(self.norm, self.grads)
+        return float(np.sqrt(float(self.norm[0])))
+
+    def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
+               grad_scale: float = 1.0, seeds=None):
+        """One AdamW step (t is 1-based) over the 16 tensors; weight decay only on the 2-D matrices.
+        seeds: one uint32 per tensor for stochastic rounding (ignored by fp32 backends)."""
+        if self.m is None:
+            self.m = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.v = self.xp.zeros(self.num_parameters, dtype=np.float32)
+        m, v = carve(self.m, self.shapes), carve(self.v, self.shapes)
+        for i, name in enumerate(self.shapes):
+            self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
+                                  beta2=beta2, eps=eps, t=t, grad_scale=grad_scale,
+                                  weight_decay=weight_decay if name in DECAYED else 0.0,
+                                  seed=0 if seeds is None else int(seeds[i]))
+
+    # ---- state in and out --------------------------------------------------------------------------
+    checkpoint_dtype = "fp32"   # CPU models are saved as llm.c v3 files
+
+    def params_f32(self) -> np.ndarray:
+        """The parameters as a host float32 array (what a checkpoint stores)."""
+        return np.asarray(self.params, dtype=np.float32)
+
+    def optimizer_state(self) -> dict:
+        """AdamW moments as host float32 arrays (zeros before the first update)."""
+        if self.m is None:
+            zeros = np.zeros(self.num_parameters, dtype=np.float32)
+            return {"m": zeros, "v": zeros}
+        return {"m": np.asarray(self.m), "v": np.asarray(self.v)}
+
+    def load_optimizer_state(self, state: dict):
+        """Restore AdamW moments from a loaded state file (llmpy.checkpoint.load_state)."""
+        self.m = self.xp.asarray(state["m"], dtype=np.float32).copy()
+        self.v = self.xp.asarray(state["v"], dtype=np.float32).copy()
+
+    def synchronize(self):
+        """Wait for queued device work (nothing to wait for on the CPU)."""
+
+    def mfu(self, tokens_per_step: int, ms: float, T: int) -> float:
+        """Model FLOPs utilisation in percent, or -1 where the device's peak is unknown (the CPU)."""
+        return -1.0
+
+    def memory_report(self) -> str:
+        nbytes = self.params.nbytes * 2 + sum(a.nbytes for acts in self._acts.values()
+                                               for a in acts.values())
+        return f"memory: {nbytes / 2**20:.1f} MiB in parameters, gradients and activations"
+
+    def close(self):
+        """Release buffers (the GPU engine returns its pool memory here)."""
+        self._acts.clear()

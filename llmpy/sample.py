@@ -1,0 +1,52 @@
+"""Autoregressive sampling from a GPT model, llm.c-style: no KV cache, a fixed-seed xorshift coin per token.
+
+With temperature 1 and no top-k this draws exactly as llm.c's trainer does: the first index whose running
+sum of probabilities exceeds a uniform coin. The coins come from llmpy.rng.XorShiftStar, so a given seed,
+model and prompt always produce the same tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def sample_index(logits: np.ndarray, coin: float, *, temperature: float = 1.0, top_k: int = 0) -> int:
+    """Index drawn from softmax(logits / temperature), restricted to the top_k largest when top_k > 0.
+    logits: float (V,) on the host; coin: uniform in [0, 1)."""
+    z = logits.astype(np.float64) / max(temperature, 1e-8)
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    idx = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
+    return min(idx, z.size - 1)
+
+
+def generate(model, prompt: list[int], num_tokens: int, rng, *, temperature: float = 1.0, top_k: int = 0,
+             max_len: int | None = None, on_token=None) -> list[int]:
+    """Extend `prompt` (non-empty token ids) by num_tokens tokens and return all tokens.
+
+    Each step runs a batch-1 forward over the sequence so far, padded up to a multiple of 64 tokens
+    (causal attention makes the padding invisible to earlier positions, and few distinct shapes keep
+    the activation cache small). rng: llmpy.rng.XorShiftStar. on_token(id) is called as tokens arrive.
+    """
+    cfg = model.config
+    max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+    tokens = list(prompt)
+    pad = min(64, max_len)
+    for _ in range(num_tokens):
+        if len(tokens) >= max_len:
+            break
+        n = len(tokens)
+        T = min(-(-n // pad) * pad, max_len)
+        buf = np.zeros((1, T), dtype=np.int32)
+        buf[0, :n] = tokens
+        logits = model.forward(model.xp.asarray(buf))
+        row = logits[0, n - 1, :cfg.vocab_size]
+        row = row.get() if hasattr(row, "get") else row
+        tok = sample_index(np.asarray(row, dtype=np.float32), rng.random_f32(),
+                           temperature=temperature, top_k=top_k)
+        tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+    return tokens

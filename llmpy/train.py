@@ -1,0 +1,404 @@
+"""The training loop: llm.c's train_gpt2cu schedule, on the CPU (NumPy) or GPU backend.
+
+Per step s = 0..S (S = -x, or one epoch): validation, HellaSwag, sampling and checkpointing run at the
+top of the iteration (so the checkpoint at step s holds the model after s updates), then one optimizer
+step made of grad_accum micro-steps. Output matches llm.c: one stdout line per step, `main.log` lines
+(`s:%d trl:%.4f lr:%.6f norm:%.2f`, `s:%d tel:%.4f`) and, in addition, full-precision `metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmpy import checkpoint
+from llmpy.data import DataLoader
+from llmpy.errors import LlmpyError
+from llmpy.model import GPT, GPTConfig
+from llmpy.rng import XorShiftStar, init_params
+
+
+def flag(short: str, default, help: str, **kw):
+    """A TrainConfig field carrying its llm.c short flag and help text (the CLI is derived from these)."""
+    return field(default=default, metadata={"short": short, "help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data and model
+    train_data: str = flag("-i", "", "train token shards (glob); empty: the embedded default corpus")
+    val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split")
+    model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN; "
+                                "empty: d6 on the CPU default corpus, else d12")
+    output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl and checkpoints")
+    # checkpoints
+    checkpoint_every: int = flag("-n", 0, "write a checkpoint every N steps (0: never)")
+    checkpoints_keep: int = flag("-nk", 0, "keep only the last N checkpoints (0: all)")
+    major_checkpoint_every: int = flag("-nm", 0, "never delete checkpoints at multiples of N")
+    resume: int = flag("-y", 0, "1: resume from the latest DONE_ checkpoint in -o")
+    # batch
+    batch_size: int = flag("-b", 4, "micro-batch size B")
+    seq_len: int = flag("-t", 1024, "sequence length T (<= the model's max_seq_len)")
+    total_batch_size: int = flag("-d", -1, "tokens per optimizer step (-1: B*T); sets grad accumulation")
+    # optimization
+    max_steps: int = flag("-x", -1, "number of optimizer steps (-1: one epoch)")
+    lr_schedule: str = flag("-k", "cosine", "learning-rate schedule", choices=("cosine", "linear", "constant",
+                                                                               "wsd"))
+    learning_rate: float = flag("-l", 3e-4, "peak learning rate")
+    warmup_steps: int = flag("-u", 0, "linear warmup steps")
+    final_lr_frac: float = flag("-q", 1.0, "final learning rate as a fraction of the peak")
+    weight_decay: float = flag("-c", 0.0, "AdamW weight decay (2-D weights only)")
+    skip_loss_z: float = flag("-sl", 0.0, "skip the update when the loss z-score exceeds this (0: off)")
+    skip_norm_z: float = flag("-sg", 0.0, "skip the update when the grad-norm z-score exceeds this (0: off)")
+    # evaluation
+    val_every: int = flag("-v", 20, "validate every N steps (0: never)")
+    val_max_steps: int = flag("-m", 20, "validation batches (-1: the whole val split)")
+    sample_every: int = flag("-s", 20, "generate a sample every N steps (<= 0: never)")
+    gen_len: int = flag("-g", 64, "tokens per generated sample")
+    hellaswag: int = flag("-h", 0, "1: evaluate HellaSwag at every validation")
+    overfit_single_batch: int = flag("-a", 0, "1: train on the first val batch only (no shuffle)")
+    # numerics and device
+    tf32: int = flag("-f", 1, "1: allow TF32 matmuls in fp32 mode (GPU)")
+    master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)")
+    gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward")
+    zero_stage: int = flag("-z", 0, "ZeRO stage (single process: 0)")
+    recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)")
+    log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
+    device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
+    dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on cuda, fp32 on cpu)",
+                      choices=("auto", "fp32", "bf16"))
+    cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it")
+    seed: int = flag("", 1337, "seed for sampling during training (llm.c: 1337)")
+
+
+BETA1, BETA2, EPS = 0.9, 0.95, 1e-8   # AdamW as in llm.c's trainer
+GRAD_CLIP = 1.0                       # global norm; the scale is applied inside AdamW
+OUTLIER_WINDOW = 128                  # llm.c's outlier detector window
+
+# -------------------------------------------------------------------------------------------------
+# Schedules and small helpers
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """llm.c's schedules (cosine, linear, constant, wsd) with linear warmup (s+1)/W and final fraction -q."""
+    lr_max, warmup = cfg.learning_rate, cfg.warmup_steps
+    lr_min = lr_max * cfg.final_lr_frac
+    if cfg.lr_schedule == "constant":
+        return lr_max
+    if step < warmup:
+        return lr_max * (step + 1) / warmup
+    if cfg.lr_schedule == "wsd":
+        decay_start = int(0.8 * total_steps)
+        if step < decay_start:
+            return lr_max
+        r = (step - decay_start) / max(total_steps - decay_start, 1)
+        return lr_min + (1.0 - math.sqrt(r)) * (lr_max - lr_min)
+    r = min(max((step - warmup) / max(total_steps - warmup, 1), 0.0), 1.0)
+    if cfg.lr_schedule == "linear":
+        return lr_max - r * (lr_max - lr_min)
+    return lr_min + 0.5 * (1.0 + math.cos(math.pi * r)) * (lr_max - lr_min)   # cosine
+
+
+class OutlierDetector:
+    """z-score of each new value against the previous 128 (NaN until the window is full), as llm.c."""
+
+    def __init__(self):
+        self.window = deque(maxlen=OUTLIER_WINDOW)
+
+    def update(self, x: float) -> float:
+        z = float("nan")
+        if len(self.window) == OUTLIER_WINDOW:
+            w = np.asarray(self.window, dtype=np.float64)
+            mean, var = w.mean(), (w * w).mean() - w.mean() ** 2
+            z = 0.0 if var <= 0 else (x - mean) / math.sqrt(var)
+        self.window.append(float(x))
+        return z
+
+
+class RunLog:
+    """main.log in llm.c's format plus metrics.jsonl; both append-only, opened per write (crash-safe)."""
+
+    def __init__(self, out_dir: str, *, append: bool):
+        self.out_dir = out_dir
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            if not append:
+                for name in ("main.log", "metrics.jsonl"):
+                    open(os.path.join(out_dir, name), "w").close()
+
+    def write(self, line: str, record: dict):
+        if not self.out_dir:
+            return
+        with open(os.path.join(self.out_dir, "main.log"), "a") as f:
+            f.write(line + "\n")
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------
+# Set-up: backend, model, data
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when CuPy sees a GPU, else 'cpu'; 'cuda' without a GPU is a clear error."""
+    if requested == "cpu":
+        return "cpu"
+    try:
+        import cupy
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception as e:  # ImportError, or CUDA driver errors on GPU-less machines
+        has_gpu, why = False, f"{type(e).__name__}: {e}".splitlines()[0]
+    else:
+        why = "no CUDA device found"
+    if has_gpu:
+        return "cuda"
+    if requested == "cuda":
+        raise LlmpyError(f"--device cuda: no usable GPU ({why}); install llmpy[cuda12] or llmpy[cuda13] "
+                         "on a machine with an NVIDIA GPU, or use --device cpu")
+    return "cpu"
+
+
+def build_model(cfg: TrainConfig, model_spec: str, ops, dtype: str) -> GPT:
+    """A GPT from a .bin checkpoint (v3 fp32 or v5 bf16) or a descriptor with llm.c's random init."""
+    if model_spec.endswith(".bin"):
+        gpt_cfg, params = checkpoint.load_model(model_spec)
+    else:
+        try:
+            gpt_cfg = GPTConfig.from_descriptor(model_spec)
+        except ValueError as e:
+            raise LlmpyError(f"-e {model_spec}: {e}") from None
+        params = np.empty(sum(int(np.prod(s)) for s in _shapes(gpt_cfg)), dtype=np.float32)
+        init_params(gpt_cfg, params)
+    return GPT(gpt_cfg, ops, dtype=dtype, params=params)
+
+
+def _shapes(gpt_cfg):
+    from llmpy.model import param_shapes
+    return param_shapes(gpt_cfg).values()
+
+
+def check_config(cfg: TrainConfig):
+    """Flag checks that need no files; each error names its flag."""
+    positive = {"-b/--batch-size": cfg.batch_size, "-t/--seq-len": cfg.seq_len, "-g/--gen-len": cfg.gen_len}
+    for name, value in positive.items():
+        if value <= 0:
+            raise LlmpyError(f"{name} must be positive, got {value}")
+    if cfg.total_batch_size != -1 and cfg.total_batch_size <= 0:
+        raise LlmpyError(f"-d/--total-batch-size must be positive or -1, got {cfg.total_batch_size}")
+    if cfg.total_batch_size > 0 and cfg.total_batch_size % (cfg.batch_size * cfg.seq_len):
+        raise LlmpyError(f"-d/--total-batch-size {cfg.total_batch_size} is not a multiple of B*T = "
+                         f"{cfg.batch_size * cfg.seq_len}")
+    if cfg.resume and not cfg.output_dir:
+        raise LlmpyError("-y/--resume 1 needs -o/--output-dir")
+    if cfg.warmup_steps < 0 or cfg.checkpoint_every < 0 or cfg.checkpoints_keep < 0:
+        raise LlmpyError("-u, -n and -nk must be >= 0")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise LlmpyError(f"-z/--zero-stage must be 0..3, got {cfg.zero_stage}")
+    if not 0.0 <= cfg.final_lr_frac <= 1.0:
+        raise LlmpyError(f"-q/--final-lr-frac must be in [0, 1], got {cfg.final_lr_frac}")
+
+
+# -------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict:
+    """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    log(f"device: {device}" + (" (auto-detected)" if cfg.device == "auto" else ""))
+    if device == "cuda":
+        from llmpy.gpu.engine import train_setup   # imports cupy; only here
+        ops, dtype = train_setup(cfg, log=log)
+    else:
+        import llmpy.cpu as ops
+        if cfg.dtype == "bf16":
+            raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
+        dtype = "float32"
+
+    # data: the embedded corpus unless -i is given
+    train_pat, val_pat, embedded = cfg.train_data, cfg.val_data, not cfg.train_data
+    if embedded:
+        from llmpy.corpus import prepare_default
+        train_pat, default_val = prepare_default(log=log)
+        val_pat = val_pat or default_val
+    if cfg.overfit_single_batch:
+        if not val_pat:
+            raise LlmpyError("-a/--overfit-single-batch 1 reads the val data: give -j/--val-data")
+        train_pat = val_pat
+
+    # model: -y resumes from the latest DONE_ checkpoint, else -e
+    resume_step = checkpoint.latest_done_step(cfg.output_dir) if cfg.resume else None
+    model_spec = cfg.model or ("d6" if embedded and device == "cpu" else "d12")
+    if not cfg.model:
+        log(f"model: {model_spec} (auto: {'embedded corpus on the cpu' if model_spec == 'd6' else 'default'})")
+    if resume_step is not None:
+        model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
+        log(f"resuming from {model_spec} (step {resume_step})")
+    model = build_model(cfg, model_spec, ops, dtype)
+    gcfg = model.config
+    B, T = cfg.batch_size, cfg.seq_len
+    if T > gcfg.max_seq_len:
+        raise LlmpyError(f"-t/--seq-len {T} exceeds the model's max_seq_len {gcfg.max_seq_len}")
+    log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
+        f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
+
+    train_loader = DataLoader(train_pat, B, T, shuffle=not cfg.overfit_single_batch)
+    val_loader = DataLoader(val_pat, B, T, shuffle=False) if val_pat else None
+    tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T
+    grad_accum = tokens_per_step // (B * T)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else train_loader.num_tokens // tokens_per_step
+    if total_steps <= 0:
+        raise LlmpyError(f"-i {train_pat}: {train_loader.num_tokens} tokens is less than one step of "
+                         f"{tokens_per_step}; lower -b/-t/-d or give -x")
+    val_batches = 0
+    if val_loader is not None:
+        val_batches = val_loader.num_tokens // (B * T) if cfg.val_max_steps < 0 else cfg.val_max_steps
+    log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}); steps: {total_steps}; "
+        f"train tokens: {train_loader.num_tokens:,}; val batches: {val_batches}")
+
+    # training state; -y 1 restores it from the state file
+    rng = XorShiftStar(13371337)
+    start_step = 0
+    if resume_step is not None:
+        state = checkpoint.load_state(checkpoint.state_path(cfg.output_dir, resume_step),
+                                      num_parameters=model.num_parameters)
+        model.load_optimizer_state(state)
+        rng.state = state["rng_state"]
+        if state.get("loader_state") is not None:
+            train_loader.load_state_dict(state["loader_state"])
+        start_step = state["step"]
+    rng_state_last_update = rng.state
+    runlog = RunLog(cfg.output_dir, append=bool(cfg.resume))
+    tokenizer = _tokenizer(log)
+    loss_z, norm_z = OutlierDetector(), OutlierDetector()
+    losses, val_losses, times = [], {}, []
+    tok_per_s_ema = 0.0
+
+    for step in range(start_step, total_steps + 1):
+        last = step == total_steps
+        if val_loader is not None and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
+            val_loss = evaluate(model, val_loader, val_batches)
+            val_losses[step] = val_loss
+            log(f"val loss {val_loss:.6f}")
+            runlog.write(f"s:{step} tel:{val_loss:.4f}", {"step": step, "split": "val", "loss": val_loss})
+        if cfg.hellaswag and ((step > 0 and cfg.val_every > 0 and step % cfg.val_every == 0) or last):
+            from llmpy.hellaswag import evaluate_hellaswag
+            acc = evaluate_hellaswag(model, B, T, log=log)
+            runlog.write(f"s:{step} eval:{acc:.4f}", {"step": step, "split": "hellaswag", "acc": acc})
+        if cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
+            _print_sample(model, tokenizer, cfg, log)
+        if (cfg.output_dir and cfg.checkpoint_every > 0 and step != resume_step
+                and ((step > 0 and step % cfg.checkpoint_every == 0) or last)):
+            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
+        if last:
+            break
+
+        # ---- one optimizer step ----
+        t0 = time.perf_counter()
+        model.zero_grad()
+        for _ in range(grad_accum):
+            if cfg.overfit_single_batch:
+                train_loader.reset()
+            inp, tgt = train_loader.next_batch()
+            inp, tgt = model.xp.asarray(inp), model.xp.asarray(tgt)
+            model.forward(inp)
+            model.backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
+        loss = model.mean_loss(B * T * grad_accum)
+        zl = loss_z.update(loss)
+        lr = learning_rate(cfg, step, total_steps)
+        norm = model.grad_norm()
+        zn = norm_z.update(norm)
+        skip = (cfg.skip_loss_z and math.isfinite(zl) and zl > cfg.skip_loss_z) or \
+               (cfg.skip_norm_z and math.isfinite(zn) and zn > cfg.skip_norm_z)
+        if skip:
+            log(f"skipping update at step {step + 1}: loss z {zl:.2f}, norm z {zn:.2f}")
+        else:
+            rng_state_last_update = rng.state
+            seeds = [rng.random_u32() for _ in range(16)]
+            model.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
+                         t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
+        model.synchronize()
+        ms = (time.perf_counter() - t0) * 1000
+        times.append(ms)
+        tok_per_s = tokens_per_step / (ms / 1000)
+        k = len(times) - 1   # llm.c: the raw value at first, then an EMA with bias correction
+        if k > 0:
+            tok_per_s_ema = 0.95 * tok_per_s_ema + 0.05 * tok_per_s
+        tps = tok_per_s if k == 0 else tok_per_s_ema / (1 - 0.95 ** k)
+        losses.append(loss)
+        mfu = model.mfu(tokens_per_step, ms, T)
+        log(f"step {step + 1:4d}/{total_steps} | loss {loss:7.6f} ({zl:+.2f}z)| norm {norm:6.4f} "
+            f"({zn:+.2f}z)| lr {lr:.2e} | {ms:.2f} ms | " + (f"{mfu:.1f}% bf16 MFU | " if mfu > 0 else "")
+            + f"{tps:.0f} tok/s")
+        runlog.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}",
+                     {"step": step, "split": "train", "loss": loss, "lr": lr, "norm": norm, "ms": ms,
+                      "tok_per_s": tok_per_s, "skipped": bool(skip)})
+        if cfg.log_gpu_every > 0 and (step + 1) % cfg.log_gpu_every == 0:
+            log(model.memory_report())
+
+    if len(times) > 1:
+        log(f"total average iteration time: {sum(times[1:]) / (len(times) - 1):.2f} ms")
+    model.close()
+    return {"losses": losses, "val_losses": val_losses, "steps": total_steps}
+
+
+def evaluate(model: GPT, loader: DataLoader, num_batches: int) -> float:
+    """Mean loss over the first num_batches batches of the (unshuffled) loader, which is reset first."""
+    loader.reset()
+    total = 0.0
+    show = num_batches >= 50 and sys.stderr.isatty()
+    for i in range(num_batches):
+        inp, tgt = loader.next_batch()
+        model.forward(model.xp.asarray(inp))
+        total += model.loss(model.xp.asarray(tgt))
+        if show:
+            print(f"\rvalidating {i + 1}/{num_batches}", end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
+    return total / max(num_batches, 1)
+
+
+def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, log):
+    """model_, state_ and then DONE_ for this step (each written atomically), then prune by -nk/-nm."""
+    state = model.optimizer_state()
+    checkpoint.write_checkpoint(cfg.output_dir, step, model.config, model.params_f32(),
+                                dtype=model.checkpoint_dtype, m=state["m"], v=state["v"],
+                                master=state.get("master"), rng_state=rng_state,
+                                rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict())
+    checkpoint.prune_checkpoints(cfg.output_dir, step, cfg.checkpoint_every, cfg.checkpoints_keep,
+                                 cfg.major_checkpoint_every)
+    log(f"checkpoint: {checkpoint.model_path(cfg.output_dir, step)}")
+
+
+def _tokenizer(log):
+    from llmpy.tokenizer import Tokenizer
+    try:
+        return Tokenizer.gpt2()
+    except LlmpyError as e:
+        log(f"tokenizer unavailable ({e}); samples print token ids")
+        return None
+
+
+def _print_sample(model, tokenizer, cfg: TrainConfig, log):
+    """llm.c-style sample: start from EOT, draw gen_len-1 tokens with a fixed-seed coin, print as we go."""
+    from llmpy.sample import generate
+    eot = model.config.vocab_size - 1 if tokenizer is None else tokenizer.eot_token
+    log("generating:\n---")
+    out = []
+
+    def show(tok):
+        out.append(tok)
+        piece = tokenizer.decode([tok]) if tokenizer is not None else f"{tok} "
+        print(piece, end="", flush=True)
+
+    generate(model, [eot], cfg.gen_len - 1, XorShiftStar(cfg.seed), max_len=cfg.seq_len, on_token=show)
+    print(flush=True)
+    log("---")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv and installs llmpy into it, from the package registries only.
+#   bash scripts/setup.sh          llmpy, plus CuPy/cuBLASLt for the GPU when nvidia-smi sees one
+#   bash scripts/setup.sh --test   also the test oracles (PyTorch CPU, transformers) and offline NVRTC
+# The GPU extra follows the driver: CUDA 13 wheels for drivers >= 580, CUDA 12 below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+extras=""
+if driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1) && [ -n "$driver" ]; then
+    if [ "${driver%%.*}" -ge 580 ]; then extras="cuda13"; else extras="cuda12"; fi
+    echo "setup: GPU driver $driver -> llmpy[$extras]"
+else
+    echo "setup: no NVIDIA GPU found -> CPU install"
+fi
+if [ "${1:-}" = "--test" ]; then
+    # the cuda extras include the kernel compiler; CPU-only machines get NVRTC + headers for the offline check
+    extras="${extras:-nvrtc},test"
+fi
+# PyTorch's CPU wheels (test oracle only) live on PyTorch's own index
+python -m pip install -q -e ".${extras:+[$extras]}" --extra-index-url https://download.pytorch.org/whl/cpu
+echo "setup: done (.venv with llmpy${extras:+[$extras]})"
