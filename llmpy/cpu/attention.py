@@ -1,0 +1,70 @@
+"""Causal multi-head self-attention in NumPy: the reference for cuda/attention.cu.
+
+softmax(q k^T / sqrt(HS) + causal mask) v per head (Vaswani et al., https://arxiv.org/abs/1706.03762;
+torch.nn.functional.scaled_dot_product_attention(is_causal=True),
+https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html).
+The layout follows llm.c's non-cuDNN path: q, k, v are permuted to (B, NH, T, HS) and saved as qkvr,
+the probabilities are saved as att (B, NH, T, T) with an exactly-zero upper triangle. The products are
+batched np.matmul calls over (B, NH), one small BLAS GEMM per head.
+"""
+import functools
+import math
+
+import numpy as np
+
+
+@functools.cache
+def _future(T):
+    """(T, T) bool, True strictly above the diagonal: the keys a query may not see."""
+    return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+
+def _heads(x, NH):
+    """View (B, T, NH*HS) as (B, NH, T, HS) without copying."""
+    B, T, C = x.shape
+    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+
+
+def attention_forward(out, qkvr, att, inp):
+    """Causal self-attention from packed q|k|v.
+
+    inp (B, T, 3C): q, k, v side by side, each C = NH heads of HS channels.
+    qkvr (3, B, NH, T, HS): overwritten with the permuted q, k, v (saved for the backward).
+    att (B, NH, T, T): overwritten with the softmax probabilities; the upper triangle is 0.
+    out (B, T, C): overwritten with the heads' outputs, concatenated.
+    """
+    B, T = inp.shape[:2]
+    NH, HS = qkvr.shape[2], qkvr.shape[4]
+    qkvr[...] = inp.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkvr
+    np.matmul(q, k.swapaxes(-1, -2), out=att)            # (B, NH, T, T) unscaled scores
+    att *= 1.0 / math.sqrt(HS)
+    np.copyto(att, -np.inf, where=_future(T))            # exp(-inf) = 0: an exact zero triangle
+    att -= att.max(axis=-1, keepdims=True)               # the diagonal is always finite
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    np.matmul(att, v, out=_heads(out, NH))               # (B, NH, T, HS) written into (B, T, C)
+
+
+def attention_backward(dinp, dqkvr, datt, scratch, dout, qkvr, att):
+    """Gradient of attention_forward with respect to its packed input.
+
+    dinp (B, T, 3C): OVERWRITTEN with d(q|k|v). dout (B, T, C); qkvr and att as saved by the forward.
+    dqkvr (3, B, NH, T, HS), datt (B, NH, T, T) and scratch (B, NH, T, HS) are scratch, overwritten.
+    """
+    B, T = dinp.shape[:2]
+    NH, HS = qkvr.shape[2], qkvr.shape[4]
+    q, k, v = qkvr
+    dq, dk, dv = dqkvr
+    scratch[...] = _heads(dout, NH)                          # dy per head (B, NH, T, HS)
+    np.matmul(scratch, v.swapaxes(-1, -2), out=datt)         # d att
+    np.matmul(att.swapaxes(-1, -2), scratch, out=dv)
+    # softmax backward, in place: dscore_j = p_j (datt_j - sum_i p_i datt_i), times the scale.
+    # p is 0 above the diagonal, so those entries come out exactly 0.
+    rowdot = np.einsum("...j,...j->...", att, datt)[..., None]
+    datt -= rowdot
+    datt *= att
+    datt *= 1.0 / math.sqrt(HS)
+    np.matmul(datt, k, out=dq)
+    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+    dinp.reshape(B, T, 3, NH, HS, copy=False)[...] = dqkvr.transpose(1, 3, 0, 2, 4)

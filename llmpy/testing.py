@@ -1,0 +1,105 @@
+"""Test helpers shared by tests/ and scripts/: tensor comparison, finite differences, the GPU gate.
+
+Importing this module needs only NumPy; pytest is imported when `requires_gpu` is first used.
+"""
+import functools
+
+import numpy as np
+
+
+def assert_close(actual, expected, *, atol=0.0, rtol=0.0, name=""):
+    """Raise AssertionError unless |actual - expected| <= atol + rtol |expected| everywhere.
+
+    The message gives the max abs diff, its index and the first values side by side (like llm.c's
+    tensor checker). NaNs must match NaNs; shapes must match exactly.
+    """
+    a, e = np.asarray(actual), np.asarray(expected)
+    label = f"{name}: " if name else ""
+    if a.shape != e.shape:
+        raise AssertionError(f"{label}shape {a.shape} != expected {e.shape}")
+    a64, e64 = a.astype(np.float64).reshape(-1), e.astype(np.float64).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a64 - e64)
+    nan_a, nan_e = np.isnan(a64), np.isnan(e64)
+    diff[np.isnan(diff)] = 0.0                       # both NaN, or equal infinities
+    diff[nan_a ^ nan_e] = np.inf
+    bad = diff > atol + rtol * np.abs(np.nan_to_num(e64))
+    if not bad.any():
+        return
+    worst = int(np.argmax(diff))
+    index = tuple(int(i) for i in np.unravel_index(worst, a.shape))
+    lines = [f"{label}{int(bad.sum())} of {a.size} elements differ (atol={atol:g}, rtol={rtol:g}); "
+             f"max abs diff {diff[worst]:.6g} at index {index}: "
+             f"actual {a64[worst]:.9g} expected {e64[worst]:.9g}; first failing index "
+             f"{tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))}",
+             f"  {'flat index':>10} {'actual':>16} {'expected':>16}"]
+    for i in range(min(5, a.size)):
+        lines.append(f"  {i:>10} {a64[i]:>16.9g} {e64[i]:>16.9g}")
+    raise AssertionError("\n".join(lines))
+
+
+def numerical_grad(f, x, eps=1e-6):
+    """Central-difference gradient of the scalar f() with respect to the float64 array x.
+
+    Each element of x is perturbed in place by +-eps and restored; f takes no arguments (a closure
+    over x). Returns an array of x's shape.
+    """
+    if x.dtype != np.float64:
+        raise TypeError(f"numerical_grad needs a float64 array, got {x.dtype}")
+    grad = np.empty_like(x)
+    flat_x, flat_g = x.reshape(-1, copy=False), grad.reshape(-1)
+    for i in range(flat_x.size):
+        saved = flat_x[i]
+        flat_x[i] = saved + eps
+        plus = float(f())
+        flat_x[i] = saved - eps
+        minus = float(f())
+        flat_x[i] = saved
+        flat_g[i] = (plus - minus) / (2.0 * eps)
+    return grad
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:   # no CuPy, no driver, no device: all mean "no GPU"
+        return False
+
+
+def requires_gpu(test):
+    """Decorator for a test function or class: mark it `gpu` and skip it unless a GPU is available."""
+    import pytest
+    skip = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
+    return pytest.mark.gpu(skip(test))
+
+
+def bf16_round(x):
+    """Round to the nearest bfloat16 (ties to even) and return the result as float32.
+
+    The bit trick: add 0x7FFF plus the lowest kept bit to the float32 bits, then clear the low 16 bits.
+    NaNs stay NaN; overflow past the largest bf16 gives inf, as a hardware conversion does.
+    """
+    x32 = np.asarray(x, dtype=np.float32)
+    bits = x32.view(np.uint32).astype(np.uint64)   # uint64: the addition cannot wrap
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x32), x32, rounded)
+
+
+def error_budget(kernel, exact, lowp, k=2.0, floor=1e-6, name=""):
+    """Assert max|kernel - exact| <= k * max|lowp - exact| + floor (the flash-attention style budget).
+
+    exact: the reference in float64; lowp: the reference with inputs and result rounded to the low
+    precision the kernel uses (e.g. with bf16_round). Returns the kernel's max error.
+    """
+    exact64 = np.asarray(exact, dtype=np.float64)
+    err = float(np.max(np.abs(np.asarray(kernel, dtype=np.float64) - exact64), initial=0.0))
+    budget = k * float(np.max(np.abs(np.asarray(lowp, dtype=np.float64) - exact64), initial=0.0)) + floor
+    if not err <= budget:
+        label = f"{name}: " if name else ""
+        raise AssertionError(f"{label}max error {err:.6g} exceeds budget {budget:.6g} "
+                             f"(k={k:g} x low-precision error + floor {floor:g})")
+    return err

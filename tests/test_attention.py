@@ -1,0 +1,59 @@
+"""attention_forward/backward: causal softmax, derivative of the forward, and PyTorch parity."""
+import numpy as np
+import pytest
+
+from llmpy.cpu import attention as ref
+from llmpy.testing import assert_close, numerical_grad
+
+
+def _buffers(B, T, NH, HS, dtype):
+    C = NH * HS
+    return dict(out=np.empty((B, T, C), dtype), qkvr=np.empty((3, B, NH, T, HS), dtype),
+                att=np.empty((B, NH, T, T), dtype), dinp=np.full((B, T, 3 * C), np.nan, dtype),
+                dqkvr=np.empty((3, B, NH, T, HS), dtype), datt=np.empty((B, NH, T, T), dtype),
+                scratch=np.empty((B, NH, T, HS), dtype))
+
+
+@pytest.mark.parametrize("NH", [2, 3])
+def test_reference_backward_is_the_derivative(rng, NH):
+    B, T, HS = 2, 5, 2                                   # odd T
+    C = NH * HS
+    x, dout = rng.standard_normal((B, T, 3 * C)), rng.standard_normal((B, T, C))
+    buf = _buffers(B, T, NH, HS, np.float64)
+
+    def loss():
+        ref.attention_forward(buf["out"], buf["qkvr"], buf["att"], x)
+        return (buf["out"] * dout).sum()
+
+    loss()
+    att = buf["att"]
+    assert np.all(np.triu(att, 1) == 0.0), "att above the diagonal must be exactly 0"
+    assert_close(att.sum(-1), np.ones((B, NH, T)), atol=1e-12, name="rows sum to 1")
+    ref.attention_backward(buf["dinp"], buf["dqkvr"], buf["datt"], buf["scratch"], dout, buf["qkvr"], att)
+    assert_close(buf["dinp"], numerical_grad(loss, x), atol=1e-8, name="dinp")
+
+
+def test_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    B, T, NH, HS = 2, 7, 3, 8
+    C = NH * HS
+    x = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
+    dout = rng.standard_normal((B, T, C), dtype=np.float32)
+    buf = _buffers(B, T, NH, HS, np.float32)
+    ref.attention_forward(buf["out"], buf["qkvr"], buf["att"], x)
+    ref.attention_backward(buf["dinp"], buf["dqkvr"], buf["datt"], buf["scratch"], dout,
+                           buf["qkvr"], buf["att"])
+
+    x_t = torch.tensor(x, requires_grad=True)
+    q, k, v = (t.reshape(B, T, NH, HS).transpose(1, 2) for t in x_t.split(C, dim=-1))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out_t = y.transpose(1, 2).reshape(B, T, C)
+    out_t.backward(torch.from_numpy(dout))
+    scores = (q @ k.transpose(-1, -2)) / HS ** 0.5
+    att_t = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+
+    assert_close(buf["qkvr"][1], k.detach().numpy(), name="qkvr holds k as (B, NH, T, HS)")
+    assert_close(buf["att"], att_t.detach().numpy(), atol=1e-6, name="att")
+    assert_close(buf["out"], out_t.detach().numpy(), atol=1e-5, rtol=1e-5, name="out")
+    assert_close(buf["dinp"], x_t.grad.numpy(), atol=1e-5, rtol=1e-5, name="dinp")
+    assert buf["out"].dtype == buf["dinp"].dtype == np.float32
