@@ -1,0 +1,17 @@
+"""GPU backend: CuPy arrays, llmpy's CUDA kernels (cuda/*.cu, compiled by llmpy/gpu/_kernels.py) and
+cuBLASLt matmuls (llmpy/gpu/matmul.py). Same op names and positional arguments as llmpy.cpu; the
+knobs (block sizes, scratch buffers, seeds) are keyword-only. Importing it imports CuPy (which
+needs no GPU to import); kernels compile on first use.
+"""
+import cupy as xp  # noqa: F401  (the backend's array module, used by model.py to allocate)
+
+from llmpy.gpu.adamw import adamw_update, global_norm_squared  # noqa: F401
+from llmpy.gpu.attention import attention_backward, attention_forward  # noqa: F401
+from llmpy.gpu.classifier import fused_classifier  # noqa: F401
+from llmpy.gpu.encoder import encoder_backward, encoder_forward  # noqa: F401
+from llmpy.gpu.gelu import gelu_backward, gelu_forward  # noqa: F401
+from llmpy.gpu.layernorm import fused_residual_forward, layernorm_backward, layernorm_forward  # noqa: F401
+from llmpy.gpu.matmul import matmul_backward, matmul_forward  # noqa: F401
+from llmpy.gpu.residual import residual_forward  # noqa: F401
+
+NAME = "gpu"

@@ -1,0 +1,398 @@
+"""The kernels build, and the launchers drive them correctly, without a GPU.
+
+1. Every cuda/*.cu compiles under NVRTC for sm_80 and sm_90 with exactly the options RawModule uses
+   (llmpy/gpu/_kernels.py: compile_offline; cupy-notes.md §1.9), and every template instantiation
+   listed in NAME_EXPRESSIONS lowers to a symbol in the cubin. If nvcc is on PATH, the same
+   instantiations also build with `nvcc -cubin -arch=sm_90`.
+2. The source hash in the compile options changes when an #included .cuh changes (CuPy's cache
+   would otherwise reuse a stale cubin, cupy-notes.md §0.3).
+3. Launch math (pure functions) and argument validation. CuPy arrays over fake, never-touched device
+   addresses stand in for real ones, and `_kernels.launch` is replaced by a recorder, so each
+   launcher runs end to end: its grids, kernel names and scalar argument types are checked here, and
+   only the kernels' arithmetic is left to tests/test_gpu_ops.py.
+
+Skipped only when CuPy or NVRTC cannot be imported.
+"""
+import itertools
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+try:
+    import cupy as cp
+    from cupy_backends.cuda.libs import nvrtc
+    nvrtc.getVersion()
+except Exception as e:  # noqa: BLE001  (any failure here means "no CuPy/NVRTC on this machine")
+    pytest.skip(f"CuPy/NVRTC not importable: {e}", allow_module_level=True)
+
+import ml_dtypes
+
+from llmpy.gpu import _kernels as K
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+ARCHS = (80, 90)
+CU_FILES = sorted(K.NAME_EXPRESSIONS)
+
+# -------------------------------------------------------------------------------------------------
+# 1. compilation
+
+
+def test_every_cu_file_has_name_expressions():
+    on_disk = sorted(p.name for p in K.CUDA_DIR.glob("*.cu"))
+    assert on_disk == CU_FILES
+    assert (K.CUDA_DIR / "common.cuh").is_file()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvrtc_compiles_offline(filename, arch):
+    cubin, lowered = K.compile_offline_with_names(filename, arch)
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+    assert set(lowered) == set(K.NAME_EXPRESSIONS[filename])
+    for expr, symbol in lowered.items():
+        assert symbol, f"{expr} did not lower"
+        assert symbol.encode() in cubin, f"{expr} ({symbol}) is not in the cubin"
+
+
+def test_compile_offline_returns_the_cubin():
+    assert K.compile_offline("residual.cu", 90)[:4] == b"\x7fELF"
+
+
+def test_nvrtc_options_are_rawmodules():
+    opts = K.nvrtc_options(90)
+    user = K.options()
+    start = opts.index(user[0])
+    assert opts[start:start + len(user)] == user                 # our options, in order
+    assert opts[-3:] == ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
+    assert f"-I{K.CUDA_DIR}" in opts and "--use_fast_math" in opts
+    assert any(o.startswith("-DLLMPY_SRC_HASH=0x") for o in opts)
+
+
+def test_compile_error_shows_the_nvrtc_log(monkeypatch):
+    monkeypatch.setitem(K.NAME_EXPRESSIONS, "gelu.cu", ("no_such_kernel<float>",))
+    with pytest.raises(RuntimeError, match="no_such_kernel"):
+        K.compile_offline("gelu.cu", 90)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvcc_compiles_every_instantiation(filename, tmp_path):
+    # nvcc cannot take name expressions: taking each instance's address in host code instantiates it.
+    src = tmp_path / f"instances_{filename}"
+    src.write_text(f'#include "{filename}"\nvoid* llmpy_instances[] = {{\n'
+                   + "".join(f"    (void*)&{e},\n" for e in K.NAME_EXPRESSIONS[filename]) + "};\n")
+    cmd = ["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "--use_fast_math", f"-I{K.CUDA_DIR}",
+           "-o", str(tmp_path / "out.cubin"), str(src)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. source hash
+
+
+def test_source_hash_follows_included_headers(tmp_path):
+    cuda = tmp_path / "cuda"
+    shutil.copytree(K.CUDA_DIR, cuda)
+    before = K.source_hash(cuda)
+    assert before == K.source_hash(K.CUDA_DIR) and len(before) == 16
+    (tmp_path / "cuda" / "notes.txt").write_text("not a kernel source")
+    assert K.source_hash(cuda) == before
+    with open(cuda / "common.cuh", "a") as f:
+        f.write("// edited\n")
+    assert K.source_hash(cuda) != before
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. launch math and argument checks, with fake device arrays and a recording launcher
+
+_next_fake_address = itertools.count(1 << 40, 1 << 28)   # 256 MiB apart: arrays never overlap
+
+
+def fake(shape, dtype=F32, *, offset_bytes=0):
+    """A C-contiguous CuPy array over a fake, 256-byte aligned device address (never dereferenced)."""
+    dtype = np.dtype(dtype)
+    nbytes = max(1, int(np.prod(shape)) * dtype.itemsize) + offset_bytes
+    mem = cp.cuda.UnownedMemory(next(_next_fake_address), nbytes, None, 0)
+    return cp.ndarray(shape, dtype, memptr=cp.cuda.MemoryPointer(mem, offset_bytes))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Replace _kernels.launch with a recorder that checks what a real launch would need."""
+    calls = []
+
+    def record(filename, name, grid, block, args, *, shared_mem=0):
+        assert name in K.NAME_EXPRESSIONS[filename], f"{name} is not instantiated for {filename}"
+        assert 1 <= len(grid) <= 3 and all(isinstance(g, int) and g >= 1 for g in grid), grid
+        assert len(grid) < 2 or grid[1] <= 65535
+        assert np.prod(block) <= 1024 and np.prod(block) % 32 == 0, block
+        for a in args:   # a Python int/float would reach the kernel as int64/double
+            assert a is None or isinstance(a, (cp.ndarray, np.generic)), f"{name}: argument {a!r}"
+        calls.append(dict(file=filename, name=name, grid=tuple(grid), block=tuple(block), args=args,
+                          shared_mem=shared_mem))
+
+    monkeypatch.setattr(K, "launch", record)
+    return calls
+
+
+def test_grid_math():
+    assert K.ceil_div(10, 3) == 4 and K.ceil_div(9, 3) == 3
+    assert K.x128_elems(BF16) == 8 and K.x128_elems(F32) == 4
+    assert K.grid_1d(0, 256) == (1,) and K.grid_1d(257, 256) == (2,)
+    assert K.elementwise_grid(4 * 64 * 3072, BF16, 256) == (384,)    # 786432 / 8 / 256
+    assert K.elementwise_grid(37, BF16, 256) == (1,)
+    assert K.elementwise_grid(4097, F32, 256) == (5,)                # 1025 chunks
+    for bad in (0, 16, 48, 2048, 256.0):
+        with pytest.raises(ValueError, match="block_size"):
+            K.check_block_size(bad)
+
+
+def test_template_names():
+    assert K.template_name("gelu_forward_kernel", BF16) == "gelu_forward_kernel<__nv_bfloat16>"
+    assert K.template_name("copy_and_cast_kernel", F32, BF16) == "copy_and_cast_kernel<float, __nv_bfloat16>"
+    with pytest.raises(ValueError, match="float16"):
+        K.template_name("gelu_forward_kernel", np.float16)
+
+
+def test_check_names_the_argument():
+    a = fake((4, 8))
+    assert K.check("a", a, dtype=F32, shape=(4, None), aligned=True) is a
+    with pytest.raises(ValueError, match="^x: expected a cupy.ndarray"):
+        K.check("x", np.zeros(3))
+    with pytest.raises(ValueError, match="^x: dtype float32, expected bfloat16"):
+        K.check("x", a, dtype=BF16)
+    with pytest.raises(ValueError, match=r"^x: shape \(4, 8\), expected \(4, 9\)"):
+        K.check("x", a, shape=(4, 9))
+    with pytest.raises(ValueError, match="^x: must be C-contiguous"):
+        K.check("x", a[:, ::2])
+    with pytest.raises(ValueError, match="^x: data pointer must be 16-byte aligned"):
+        K.check("x", fake((4,), offset_bytes=4), aligned=True)
+    with pytest.raises(ValueError, match="^w: dtype bfloat16 differs from v's float32"):
+        K.check_floats(v=a, w=fake((4, 8), BF16))
+    with pytest.raises(ValueError, match=r"^w: shape \(8,\) differs"):
+        K.check_same_shape(v=a, w=fake((8,)))
+    assert K.i32(5).dtype == np.int32 and K.u32(-1) == np.uint32(0xFFFFFFFF)
+    with pytest.raises(ValueError):
+        K.i32(2**31)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_elementwise_launchers(launches, dtype):
+    from llmpy.gpu import gelu, residual
+    x, y, z = fake((3, 37), dtype), fake((3, 37), dtype), fake((3, 37), dtype)
+    gelu.gelu_forward(y, x)
+    gelu.gelu_backward(x, y, x)                        # dinp may be dout
+    residual.residual_forward(z, x, y, block_size=128)
+    T = K.TEMPLATE_ARG[dtype]
+    assert [c["name"] for c in launches] == [f"gelu_forward_kernel<{T}>", f"gelu_backward_kernel<{T}>",
+                                             f"residual_forward_kernel<{T}>"]
+    assert launches[0]["grid"] == (1,) and launches[0]["args"][-1] == 111
+    with pytest.raises(ValueError, match="^dout: dtype"):
+        gelu.gelu_backward(x, y, fake((3, 37), F32 if dtype == BF16 else BF16))
+    with pytest.raises(ValueError, match=r"^inp1: shape \(3, 37\) differs from out's \(37, 3\)"):
+        residual.residual_forward(fake((37, 3), dtype), x, y)
+    with pytest.raises(ValueError, match="^inp: data pointer"):
+        gelu.gelu_forward(y, fake((3, 37), dtype, offset_bytes=2))
+
+
+def test_encoder_launchers(launches, monkeypatch):
+    from llmpy.gpu import encoder
+    B, T, C, Vp, maxT = 2, 5, 24, 40, 8
+    out, wte, wpe = fake((B, T, C), BF16), fake((Vp, C), BF16), fake((maxT, C), BF16)
+    inp = fake((B, T), np.int32)
+    encoder.encoder_forward(out, inp, wte, wpe)
+    assert launches[-1]["grid"] == (1,) and launches[-1]["args"][-3:] == (B * T, T, C)
+
+    tokens = np.array([[3, 1, 3, 0, 3], [1, 1, 7, 3, 0]], dtype=np.int32)
+    monkeypatch.setattr(encoder, "_upload", lambda buckets, workspace: fake(buckets.shape, np.int32))
+    encoder.encoder_backward(wte, wpe, out, inp, seed=2**32 + 7, inp_host=tokens)
+    wpe_call, wte_call = launches[-2:]
+    assert wpe_call["name"] == "encoder_backward_wpe_kernel<__nv_bfloat16>"
+    assert wpe_call["args"][-1] == np.uint32(7) and wpe_call["args"][-1].dtype == np.uint32
+    assert wte_call["grid"] == (4, 1) and wte_call["block"] == (32, encoder.WTE_WARPS)   # tokens 3, 1, 0, 7
+    assert wte_call["args"][3] == 4
+    with pytest.raises(ValueError, match="token ids"):
+        encoder.encoder_backward(wte, wpe, out, inp, inp_host=tokens + Vp)
+    with pytest.raises(ValueError, match="^C = 20 must be a multiple of 8"):
+        encoder.encoder_forward(fake((B, T, 20), BF16), inp, fake((Vp, 20), BF16), fake((maxT, 20), BF16))
+    with pytest.raises(ValueError, match="exceeds wpe"):
+        encoder.encoder_forward(fake((B, 9, C), BF16), fake((B, 9), np.int32), wte, wpe)
+    with pytest.raises(ValueError, match="^inp: dtype"):
+        encoder.encoder_forward(out, fake((B, T), np.int64), wte, wpe)
+
+
+def test_wte_buckets_group_positions_by_token():
+    from llmpy.gpu.encoder import wte_buckets
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 13, size=(4, 9)).astype(np.int32)
+    buckets, nb = wte_buckets(tokens, 13)
+    assert buckets.dtype == np.int32 and buckets.size == 2 * nb + 1 + tokens.size
+    tok, starts, pos = buckets[:nb], buckets[nb:2 * nb + 1], buckets[2 * nb + 1:]
+    sizes = np.diff(starts)
+    assert starts[0] == 0 and starts[-1] == tokens.size and np.all(sizes[:-1] >= sizes[1:])
+    assert sorted(tok) == sorted(set(tokens.ravel()))
+    for i in range(nb):
+        run = pos[starts[i]:starts[i + 1]]
+        assert np.all(np.diff(run) > 0) and np.all(tokens.ravel()[run] == tok[i])
+    # replaying the list is the scatter-add
+    dout, dwte = rng.standard_normal((tokens.size, 3)), np.zeros((13, 3))
+    for i in range(nb):
+        dwte[tok[i]] += dout[pos[starts[i]:starts[i + 1]]].sum(axis=0)
+    expected = np.zeros((13, 3))
+    np.add.at(expected, tokens.ravel(), dout)
+    np.testing.assert_allclose(dwte, expected, atol=1e-12)
+
+
+def test_layernorm_launchers(launches):
+    from llmpy.gpu import layernorm as ln
+    B, T, C = 3, 7, 40
+    x, out = fake((B, T, C), BF16), fake((B, T, C), BF16)
+    w, b = fake((C,), BF16), fake((C,), BF16)
+    mean, rstd = fake((B, T)), fake((B, T))
+    ln.layernorm_forward(out, mean, rstd, x, w, b)
+    assert launches[-1]["grid"] == (3,) and launches[-1]["args"][-2:] == (21, 40)   # 21 rows, 8 per block
+    ln.fused_residual_forward(fake((B, T, C), BF16), out, mean, rstd, x, fake((B, T, C), BF16), w, b)
+    assert launches[-1]["name"] == "fused_residual_forward_kernel<__nv_bfloat16>"
+
+    assert ln.backward_blocks(21) == 3 and ln.backward_blocks(4 * 1024 * 64) == ln.BACKWARD_MAX_BLOCKS
+    need = ln.backward_scratch_size(21, C)
+    assert need == 3 * 2 * C
+    ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean, rstd,
+                          scratch=fake((need,)))
+    main, fold = launches[-2:]
+    assert main["grid"] == (3,) and main["shared_mem"] == 2 * C * 4
+    assert fold["grid"] == (K.ceil_div(2 * C, 32),) and fold["block"] == (32, ln.FOLD_WARPS)
+    assert fold["args"][-2:] == (3, C)
+    with pytest.raises(ValueError, match="^scratch: 10 float32 elements, need 240"):
+        ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean,
+                              rstd, scratch=fake((10,)))
+    with pytest.raises(ValueError, match="^mean: dtype bfloat16"):
+        ln.layernorm_forward(out, fake((B, T), BF16), rstd, x, w, b)
+    with pytest.raises(ValueError, match=r"^rstd: shape \(3, 8\)"):
+        ln.layernorm_forward(out, mean, fake((B, 8)), x, w, b)
+    with pytest.raises(ValueError, match=r"^weight: shape \(41,\)"):
+        ln.layernorm_forward(out, mean, rstd, x, fake((41,), BF16), b)
+    with pytest.raises(ValueError, match="^C = 36 must be a multiple of 8"):
+        ln.layernorm_forward(fake((2, 36), BF16), fake((2,)), fake((2,)), fake((2, 36), BF16),
+                             fake((36,), BF16), fake((36,), BF16))
+
+
+def test_attention_launchers(launches, monkeypatch):
+    import llmpy.gpu.matmul
+    from llmpy.gpu import attention
+    products = []
+    monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul",
+                        lambda out, a, b, **kw: products.append((out.shape, a.shape, b.shape, kw)))
+    B, T, NH, HS = 2, 40, 3, 16
+    C = NH * HS
+    inp, qkvr, att, out = (fake((B, T, 3 * C), BF16), fake((3, B, NH, T, HS), BF16),
+                           fake((B, NH, T, T), BF16), fake((B, T, C), BF16))
+    attention.attention_forward(out, qkvr, att, inp)
+    assert [c["name"].split("<")[0] for c in launches] == ["permute_kernel", "softmax_forward_kernel",
+                                                          "unpermute_kernel"]
+    softmax = launches[1]
+    assert softmax["grid"] == (K.ceil_div(B * NH * T, 8),)
+    assert softmax["args"][2].dtype == np.float32 and softmax["args"][2] == np.float32(0.25)
+    assert products == [((B * NH, T, T), (B * NH, T, HS), (B * NH, T, HS), dict(transa=False, transb=True)),
+                        ((B * NH, T, HS), (B * NH, T, T), (B * NH, T, HS), dict(transa=False, transb=False))]
+    assert launches[0]["grid"] == (K.ceil_div(B * T * C, 256),)
+
+    launches.clear()
+    products.clear()
+    dinp, dqkvr, datt, scratch = (fake(inp.shape, BF16), fake(qkvr.shape, BF16), fake(att.shape, BF16),
+                                  fake((B, NH, T, HS), BF16))
+    attention.attention_backward(dinp, dqkvr, datt, scratch, out, qkvr, att)
+    assert [c["name"].split("<")[0] for c in launches] == ["unpermute_backward_kernel",
+                                                          "softmax_backward_kernel", "permute_backward_kernel"]
+    assert [(p[3]["transa"], p[3]["transb"]) for p in products] == [(False, True), (True, False),
+                                                                    (False, False), (True, False)]
+    with pytest.raises(ValueError, match=r"^att: shape \(2, 3, 40, 41\)"):
+        attention.attention_forward(out, qkvr, fake((B, NH, T, T + 1), BF16), inp)
+    with pytest.raises(ValueError, match=r"^inp: shape"):
+        attention.attention_forward(out, qkvr, att, fake((B, T, 3 * C + 8), BF16))
+    with pytest.raises(ValueError, match="^scratch: dtype float32"):
+        attention.attention_backward(dinp, dqkvr, datt, fake((B, NH, T, HS)), out, qkvr, att)
+
+
+def test_classifier_launcher(launches):
+    from llmpy.gpu import classifier
+    B, T, Vp = 2, 3, 64
+    logits, losses, targets = fake((B, T, Vp), BF16), fake((B, T)), fake((B, T), np.int32)
+    classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57)
+    call = launches[-1]
+    assert call["grid"] == (6,) and call["block"] == (1024,)
+    assert call["args"][4].dtype == np.float32 and call["args"][-3:] == (6, 57, 64)
+    classifier.fused_classifier(None, losses, logits, targets, 1.0, 64)
+    assert launches[-1]["args"][0] is None
+    with pytest.raises(ValueError, match="V = 65"):
+        classifier.fused_classifier(None, losses, logits, targets, 1.0, 65)
+    with pytest.raises(ValueError, match="^losses: dtype bfloat16"):
+        classifier.fused_classifier(None, fake((B, T), BF16), logits, targets, 1.0, 60)
+    with pytest.raises(ValueError, match="^Vp = 60 must be a multiple of 8"):
+        classifier.fused_classifier(None, losses, fake((B, T, 60), BF16), targets, 1.0, 60)
+    big = fake((64, 1024, 50304), BF16)                    # 3.3e9 elements: allowed, rows use size_t
+    classifier.fused_classifier(big, fake((64, 1024)), big, fake((64, 1024), np.int32), 1.0, 50257)
+
+
+def test_adamw_launchers(launches):
+    from llmpy.gpu import adamw
+    L, n = 3, 1000
+    param, grad = fake((L, n), BF16), fake((L, n), BF16)
+    m, v, master = fake((L, n)), fake((L, n)), fake((L, n))
+    adamw.adamw_update(param, m, v, grad, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                       t=2, master=master, seed=5, num_slices=L)
+    call = launches[-1]
+    assert call["grid"] == (2, 3) and call["block"] == (512,)
+    a = call["args"]
+    assert a[5] == n and all(x.dtype == np.int64 and x == n for x in a[6:9])
+    np.testing.assert_allclose([a[12], a[13]], [1 - 0.9**2, 1 - 0.95**2], rtol=1e-6)   # bias corrections
+    assert all(x.dtype == np.float32 for x in a[9:17])
+    assert a[-3] == 5 and a[-2] is None and a[-1] is None
+    np.testing.assert_allclose(adamw.step_scalars(lr=0.1, beta1=0.9, beta2=0.99, t=3, grad_scale=0.5),
+                               [0.1, 0.5, 1 - 0.9**3, 1 - 0.99**3], rtol=1e-6)
+    adamw.adamw_update(param, m, v, grad, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                       t=2, scalars=fake((4,)), seed_ptr=fake((1,), np.uint32))
+    assert launches[-1]["grid"] == (6, 1) and launches[-1]["args"][1] is None
+    adamw.init_from_master(param, master, seed=5, num_slices=L)
+    assert launches[-1]["grid"] == (2, 3) and launches[-1]["name"] == "init_from_master_kernel<__nv_bfloat16>"
+    with pytest.raises(ValueError, match="num_slices = 7"):
+        adamw.adamw_grid(3000, 7, 512)
+    with pytest.raises(ValueError, match="^m: dtype bfloat16"):
+        adamw.adamw_update(param, grad, v, grad, lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, t=1)
+    with pytest.raises(ValueError, match="1-based"):
+        adamw.adamw_update(param, m, v, grad, lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, t=0)
+    with pytest.raises(ValueError, match=r"^scalars: shape \(3,\)"):
+        adamw.adamw_update(param, m, v, grad, lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, t=1,
+                           scalars=fake((3,)))
+
+
+def test_reduction_launchers(launches):
+    from llmpy.gpu import bias, cast, global_norm
+    assert global_norm.norm_blocks(10) == 1 and global_norm.norm_blocks(124_475_904) == 1024
+    global_norm.global_norm_squared(fake((1,)), fake((1000, 7), BF16), scratch=fake((1024,)))
+    stage1, stage2 = launches[-2:]
+    assert stage1["grid"] == (14,) and stage1["args"][2].dtype == np.int64
+    assert stage2["name"] == "global_norm_finish_kernel" and stage2["args"][-1] == 14
+    with pytest.raises(ValueError, match="^scratch: 3 float32 elements, need 14"):
+        global_norm.global_norm_squared(fake((1,)), fake((1000, 7), BF16), scratch=fake((3,)))
+
+    assert bias.bias_grid(256, 768, BF16) == (3, 8)       # 256 rows / (8 warps x 4 rows)
+    assert bias.bias_grid(65536, 768, BF16) == (3, 170)   # 512 // 3 blocks high
+    assert bias.bias_grid(5, 40, BF16) == (1, 1) and bias.scratch_size(5, 40, BF16) == 0
+    bias.matmul_bias_backward(fake((40,), BF16), fake((5, 40), BF16))
+    assert launches[-1]["name"] == "bias_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][1] is None
+    bias.matmul_bias_backward(fake((768,)), fake((4, 64, 768)), scratch=fake((8 * 768,)))
+    main, fold = launches[-2:]
+    assert main["grid"] == (6, 8) and main["block"] == (32, 8) and fold["args"][-2:] == (8, 768)
+    with pytest.raises(ValueError, match=r"^dbias: shape \(40,\)"):
+        bias.matmul_bias_backward(fake((40,), BF16), fake((5, 48), BF16))
+
+    cast.copy_and_cast(fake((10, 3)), fake((10, 3), BF16))
+    assert launches[-1]["name"] == "copy_and_cast_kernel<float, __nv_bfloat16>"
+    cast.init_master(fake((7,)), fake((7,), BF16))
+    with pytest.raises(ValueError, match="^master: dtype bfloat16"):
+        cast.init_master(fake((7,), BF16), fake((7,), BF16))
