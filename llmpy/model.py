@@ -159,6 +159,9 @@ class GPT:
     per batch shape on first use, so generation at B=1 does not disturb the training buffers.
     """
 
+    recompute_gelu = False   # -r 1 (GPU engine): one shared GELU buffer, recomputed in backward
+    gelu_fusion = 0          # -ge: 1 fuses GELU into the fc matmul's epilogue, 2 also its backward
+
     def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
         self.config, self.ops, self.xp = config, ops, ops.xp
         self.dtype = np.dtype(dtype)
@@ -219,8 +222,11 @@ class GPT:
             ops.matmul_forward(a["attproj"][l], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
             ops.fused_residual_forward(a["residual2"][l], a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l],
                                        residual, a["attproj"][l], p["ln2w"][l], p["ln2b"][l])
-            ops.matmul_forward(a["fch"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l])
-            ops.gelu_forward(a["fch_gelu"][l], a["fch"][l])
+            if self.gelu_fusion >= 1:
+                ops.matmul_forward(a["fch_gelu"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l], gelu_aux=a["fch"][l])
+            else:
+                ops.matmul_forward(a["fch"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l])
+                ops.gelu_forward(a["fch_gelu"][l], a["fch"][l])
             ops.matmul_forward(a["fcproj"][l], a["fch_gelu"][l], p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < cfg.num_layers:   # the residual add is fused with the next layer's ln1
                 ops.fused_residual_forward(a["residual3"][l], a["ln1"][l + 1], a["ln1_mean"][l + 1],
@@ -268,9 +274,15 @@ class GPT:
         for l in reversed(range(cfg.num_layers)):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             # MLP branch; dresidual holds d(residual3[l])
-            ops.matmul_backward(d["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, a["fch_gelu"][l],
-                                p["fcprojw"][l])
-            ops.gelu_backward(d["dbt4c"], a["fch"][l], d["dbt4c"])
+            if self.recompute_gelu:
+                ops.gelu_forward(a["fch_gelu"][l], a["fch"][l])
+            if self.gelu_fusion >= 2:   # dGELU applied in the matmul's epilogue
+                ops.matmul_backward(d["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, a["fch_gelu"][l],
+                                    p["fcprojw"][l], gelu_aux=a["fch"][l])
+            else:
+                ops.matmul_backward(d["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, a["fch_gelu"][l],
+                                    p["fcprojw"][l])
+                ops.gelu_backward(d["dbt4c"], a["fch"][l], d["dbt4c"])
             ops.matmul_backward(d["dbtc"], g["fcw"][l], g["fcb"][l], d["dbt4c"], a["ln2"][l], p["fcw"][l])
             ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], d["dbtc"], a["residual2"][l],
                                    p["ln2w"][l], a["ln2_mean"][l], a["ln2_rstd"][l])
@@ -283,6 +295,11 @@ class GPT:
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], d["dbtc"], residual, p["ln1w"][l],
                                    a["ln1_mean"][l], a["ln1_rstd"][l])
         ops.encoder_backward(g["wte"], g["wpe"], dresidual, inp, seed=seed)
+
+    def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0):
+        """One training micro-step: forward(inp) then backward (the GPU engine replays it as a graph)."""
+        self.forward(self.xp.asarray(inp))
+        self.backward(self.xp.asarray(inp), self.xp.asarray(targets), dloss, seed=seed)
 
     # ---- optimizer -------------------------------------------------------------------------------
     def grad_norm(self) -> float:
@@ -338,3 +355,9 @@ class GPT:
     def close(self):
         """Release buffers (the GPU engine returns its pool memory here)."""
         self._acts.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

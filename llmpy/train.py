@@ -165,8 +165,9 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-def build_model(cfg: TrainConfig, model_spec: str, ops, dtype: str) -> GPT:
-    """A GPT from a .bin checkpoint (v3 fp32 or v5 bf16) or a descriptor with llm.c's random init."""
+def build_model(model_spec: str, make_model, seq_len: int) -> GPT:
+    """A GPT from a .bin checkpoint (v3 fp32 or v5 bf16) or a descriptor with llm.c's random init;
+    make_model(gpt_config, host_float32_params) builds it on the chosen backend."""
     if model_spec.endswith(".bin"):
         gpt_cfg, params = checkpoint.load_model(model_spec)
     else:
@@ -174,14 +175,10 @@ def build_model(cfg: TrainConfig, model_spec: str, ops, dtype: str) -> GPT:
             gpt_cfg = GPTConfig.from_descriptor(model_spec)
         except ValueError as e:
             raise LlmpyError(f"-e {model_spec}: {e}") from None
-        params = np.empty(sum(int(np.prod(s)) for s in _shapes(gpt_cfg)), dtype=np.float32)
-        init_params(gpt_cfg, params)
-    return GPT(gpt_cfg, ops, dtype=dtype, params=params)
-
-
-def _shapes(gpt_cfg):
-    from llmpy.model import param_shapes
-    return param_shapes(gpt_cfg).values()
+        params = init_params(gpt_cfg)
+    if seq_len > gpt_cfg.max_seq_len:
+        raise LlmpyError(f"-t/--seq-len {seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
+    return make_model(gpt_cfg, params)
 
 
 def check_config(cfg: TrainConfig):
@@ -213,15 +210,18 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    log(f"device: {device}" + (" (auto-detected)" if cfg.device == "auto" else ""))
+    if device == "cpu":
+        log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
     if device == "cuda":
         from llmpy.gpu.engine import train_setup   # imports cupy; only here
-        ops, dtype = train_setup(cfg, log=log)
+        ops, make_model = train_setup(cfg, log=log)
     else:
         import llmpy.cpu as ops
         if cfg.dtype == "bf16":
             raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
-        dtype = "float32"
+
+        def make_model(gpt_cfg, params):
+            return GPT(gpt_cfg, ops, params=params)
 
     # data: the embedded corpus unless -i is given
     train_pat, val_pat, embedded = cfg.train_data, cfg.val_data, not cfg.train_data
@@ -229,6 +229,11 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         from llmpy.corpus import prepare_default
         train_pat, default_val = prepare_default(log=log)
         val_pat = val_pat or default_val
+    if cfg.hellaswag:   # fail before training, not at the first evaluation
+        from llmpy.hellaswag import DEFAULT_PATH, read_eval_file
+        if cfg.batch_size < 4:
+            raise LlmpyError(f"-h/--hellaswag 1 needs -b/--batch-size >= 4, got {cfg.batch_size}")
+        read_eval_file(DEFAULT_PATH)
     if cfg.overfit_single_batch:
         if not val_pat:
             raise LlmpyError("-a/--overfit-single-batch 1 reads the val data: give -j/--val-data")
@@ -242,11 +247,14 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     if resume_step is not None:
         model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
         log(f"resuming from {model_spec} (step {resume_step})")
-    model = build_model(cfg, model_spec, ops, dtype)
+    with build_model(model_spec, make_model, cfg.seq_len) as model:
+        return _train_loop(cfg, model, train_pat, val_pat, resume_step, log)
+
+
+def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resume_step, log) -> dict:
+    """Everything after set-up: data, state, and the step loop (the model is closed by the caller)."""
     gcfg = model.config
     B, T = cfg.batch_size, cfg.seq_len
-    if T > gcfg.max_seq_len:
-        raise LlmpyError(f"-t/--seq-len {T} exceeds the model's max_seq_len {gcfg.max_seq_len}")
     log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
         f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
 
@@ -308,9 +316,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             if cfg.overfit_single_batch:
                 train_loader.reset()
             inp, tgt = train_loader.next_batch()
-            inp, tgt = model.xp.asarray(inp), model.xp.asarray(tgt)
-            model.forward(inp)
-            model.backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
+            model.forward_backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
         loss = model.mean_loss(B * T * grad_accum)
         zl = loss_z.update(loss)
         lr = learning_rate(cfg, step, total_steps)
@@ -346,7 +352,6 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
 
     if len(times) > 1:
         log(f"total average iteration time: {sum(times[1:]) / (len(times) - 1):.2f} ms")
-    model.close()
     return {"losses": losses, "val_losses": val_losses, "steps": total_steps}
 
 
@@ -357,8 +362,8 @@ def evaluate(model: GPT, loader: DataLoader, num_batches: int) -> float:
     show = num_batches >= 50 and sys.stderr.isatty()
     for i in range(num_batches):
         inp, tgt = loader.next_batch()
-        model.forward(model.xp.asarray(inp))
-        total += model.loss(model.xp.asarray(tgt))
+        model.forward(inp)
+        total += model.loss(tgt)
         if show:
             print(f"\rvalidating {i + 1}/{num_batches}", end="", file=sys.stderr, flush=True)
     if show:

@@ -1,0 +1,563 @@
+"""The GPU training engine (llmpy/gpu/engine.py, graph.py, mfu.py).
+
+Host half (runs anywhere CuPy imports): llm.c's MFU table (llmc/mfu.h), the arena plan, the resume
+seeds, the options from a TrainConfig, and StepGraph's bookkeeping with fake streams.
+GPU half (skipped without a device): the whole model against the NumPy reference `llmpy.cpu` in fp32
+and in bf16 (error budget from a plain bf16 emulation, plus llm.c's test_gpt2cu gradient criterion),
+ten training steps, graph replay == eager bit for bit, bit-exact resume through the master weights,
+and device memory back to its baseline after close, also after exceptions.
+"""
+import dataclasses
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy")   # llmpy.gpu imports CuPy (which needs no device to import)
+
+import llmpy.cpu as cpu  # noqa: E402
+from llmpy.gpu.arena import Arena  # noqa: E402
+from llmpy.gpu.engine import (GPUGPT, LT_WORKSPACE_BYTES, adamw_seeds, buffer_specs,  # noqa: E402
+                              engine_options, train_setup)
+from llmpy.gpu.graph import AllocationDuringCapture, StepGraph  # noqa: E402
+from llmpy.gpu.mfu import flops_per_token, mfu_percent, peak_tflops  # noqa: E402
+from llmpy.model import (FP32_ACTS, GPT, GPTConfig, act_shapes, carve, grad_act_shapes,  # noqa: E402
+                         num_parameters, param_shapes)
+from llmpy.rng import XorShiftStar, init_params  # noqa: E402
+from llmpy.testing import assert_close, bf16_round, requires_gpu  # noqa: E402
+
+TINY = GPTConfig(max_seq_len=32, vocab_size=100, padded_vocab_size=128, num_layers=2, num_heads=4,
+                 channels=64)
+D12 = GPTConfig.from_descriptor("d12")
+F32 = np.dtype(np.float32)
+
+
+def bf16_dtype():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+# -------------------------------------------------------------------------------------------------
+# Host: MFU
+
+
+@pytest.mark.parametrize("name,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 756 * (528 / 456) * (1830 / 1620)),   # ~988.84, llm.c's H100 SXM
+    ("NVIDIA H200", "bf16", 756 * (528 / 456) * (1830 / 1620)),             # llmpy's addition
+    ("NVIDIA H100 PCIe", "bf16", 756.0),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 156.0),                                # TF32 column
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("NVIDIA GeForce RTX 4080", "bf16", 97.5),        # mfu.h's own worked example: 165.2/512*304/2520*2505
+    ("Tesla V100-SXM2-16GB", "fp32", 125.0),
+    ("Tesla V100-SXM2-16GB", "bf16", -1.0),           # Volta has no bf16
+    ("NVIDIA B200", "bf16", -1.0),                    # not in the table
+])
+def test_peak_tflops_follow_llmc_table(name, dtype, expected):
+    assert peak_tflops(name, dtype) == pytest.approx(expected, rel=2e-3)
+
+
+def test_mfu_of_gpt2_124m():
+    # llm.c: 6 N + 6 L C T FLOPs per token, N counting the padded vocabulary (124,475,904 for d12)
+    assert flops_per_token(D12, 1024) == 6 * 124_475_904 + 6 * 12 * 768 * 1024 == 803_478_528
+    # 524,288 tokens in 1 s at 988.84 TFLOPS: 803478528 * 524288 / 988.84e12 = 42.6%
+    assert mfu_percent(803_478_528, 524_288, 1000.0, 988.84) == pytest.approx(42.601, abs=1e-3)
+    assert mfu_percent(803_478_528, 524_288, 1000.0, -1.0) == -1.0
+
+
+# -------------------------------------------------------------------------------------------------
+# Host: the arena plan
+
+
+@pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), (D12, 4, 64)], ids=["tiny", "d12"])
+@pytest.mark.parametrize("dtype,master,recompute", [("bf16", True, True), ("bf16", False, False),
+                                                    ("fp32", False, True)])
+def test_buffer_plan_covers_every_buffer(cfg, B, T, dtype, master, recompute):
+    dt = bf16_dtype() if dtype == "bf16" else F32
+    scratch = [("ln_scratch", (1000,), F32), ("encoder_buckets", (2 * B * T + 1,), np.int32)]
+    specs = buffer_specs(cfg, B, T, dtype=dt, master_weights=master, recompute=recompute, scratch=scratch)
+    table = {name: (tuple(shape), np.dtype(d)) for name, shape, d in specs}
+    assert len(table) == len(specs), "duplicate buffer names"
+    n = num_parameters(cfg)
+    expected = {"params": ((n,), dt), "grads": ((n,), dt), "adam_m": ((n,), F32), "adam_v": ((n,), F32),
+                "inp": ((B, T), np.dtype(np.int32)), "targets": ((B, T), np.dtype(np.int32)),
+                "norm": ((1,), F32), "lt_workspace": ((LT_WORKSPACE_BYTES,), np.dtype(np.uint8)),
+                "ln_scratch": ((1000,), F32), "encoder_buckets": ((2 * B * T + 1,), np.dtype(np.int32))}
+    if master:
+        expected["master"] = ((n,), F32)
+    for name, shape in act_shapes(cfg, B, T).items():
+        shape = shape[1:] if (recompute and name == "fch_gelu") else shape   # one layer, shared
+        expected[f"act.{name}"] = (shape, F32 if name in FP32_ACTS else dt)
+    for name, shape in grad_act_shapes(cfg, B, T).items():
+        expected[f"dact.{name}"] = (shape, dt)
+    assert table == expected
+
+    plan = Arena.plan(specs)
+    slots = sorted(plan.slots, key=lambda s: s.offset)
+    for s, nxt in zip(slots, slots[1:]):
+        assert s.offset % 256 == 0 and s.offset + s.nbytes <= nxt.offset, f"{s.name} overlaps {nxt.name}"
+    state = ("params", "grads", "adam_m", "adam_v") + (("master",) if master else ())
+    # bf16 with master weights: 2 + 2 + 4 + 4 + 4 = 16 bytes per parameter, as llm.c
+    assert sum(plan[k].nbytes for k in state) == n * (2 * dt.itemsize + 8 + (4 if master else 0))
+    assert plan.nbytes >= sum(s.nbytes for s in plan.slots)
+
+
+# -------------------------------------------------------------------------------------------------
+# Host: resume seeds and options
+
+
+def test_resume_seeds_are_the_last_updates_seeds():
+    """train.py saves rng_state_last_update right before the 16 AdamW draws; adamw_seeds redraws them."""
+    rng = XorShiftStar(13371337)
+    for _ in range(3):                        # three optimizer steps of two micro-steps each
+        rng.random_u32(), rng.random_u32()    # the encoder-backward seeds
+        last = rng.state
+        seeds = [rng.random_u32() for _ in range(16)]
+    assert adamw_seeds(last) == seeds
+    assert len(set(seeds)) == 16 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_engine_options_follow_llmc_defaults():
+    from llmpy.train import TrainConfig
+    base = TrainConfig()
+    opts = engine_options(base)
+    assert opts == dict(dtype="bf16", batch_size=base.batch_size, seq_len=base.seq_len, master_weights=True,
+                        recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False)
+    fp32 = engine_options(dataclasses.replace(base, dtype="fp32"))
+    assert (fp32["dtype"], fp32["master_weights"], fp32["tf32"]) == ("fp32", False, True)
+    assert engine_options(dataclasses.replace(base, dtype="fp32", tf32=0))["tf32"] is False
+    assert engine_options(dataclasses.replace(base, master_weights=0))["master_weights"] is False
+    assert engine_options(dataclasses.replace(base, cuda_graph=0, recompute=0))["cuda_graph"] is False
+
+
+# -------------------------------------------------------------------------------------------------
+# Host: StepGraph with a fake cupy.cuda
+
+
+class FakeCuda:
+    """Just enough of cupy.cuda for StepGraph: streams that record what happens to them."""
+
+    def __init__(self):
+        self.log, self.allocator, self._events = [], None, 0
+        self.caller = self.Stream(name="caller")
+
+    def Stream(self, non_blocking=False, name="side"):
+        return FakeStream(self.log, name)
+
+    def Event(self, disable_timing=False):
+        self._events += 1
+        return FakeEvent(self.log, f"e{self._events}")
+
+    def get_current_stream(self):
+        return self.caller
+
+    @contextmanager
+    def using_allocator(self, allocator):
+        previous, self.allocator = self.allocator, allocator
+        try:
+            yield
+        finally:
+            self.allocator = previous
+
+    def alloc(self, nbytes):
+        """What an op that allocates would hit."""
+        if self.allocator is not None:
+            self.allocator(nbytes)
+
+
+class FakeStream:
+    def __init__(self, log, name):
+        self.log, self.name, self.capturing = log, name, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self):
+        self.capturing = True
+        self.log.append(("begin_capture", self.name))
+
+    def end_capture(self):
+        assert self.capturing, "end_capture without begin_capture"
+        self.capturing = False
+        self.log.append(("end_capture", self.name))
+        return FakeGraph(self.log)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.name))
+
+    def synchronize(self):
+        self.log.append(("synchronize", self.name))
+
+
+class FakeEvent:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def record(self, stream):
+        self.log.append(("record", self.name, stream.name))
+
+
+class FakeGraph:
+    def __init__(self, log):
+        self.log = log
+
+    def launch(self, stream):
+        self.log.append(("launch", stream.name))
+
+
+def test_step_graph_warms_up_captures_once_and_replays_in_order():
+    cuda, calls = FakeCuda(), []
+    graph = StepGraph(cuda=cuda, log=lambda msg: None)
+    for _ in range(4):
+        graph.run(("micro-step", 0.5), lambda: calls.append(cuda.caller.name))
+    assert len(calls) == 2                    # the warm-up, then the run that was captured
+    assert (graph.eager_runs, graph.captures, graph.replays) == (1, 1, 3)
+    assert cuda.log[:2] == [("begin_capture", "side"), ("end_capture", "side")]
+    # each replay: the side stream waits for the caller's staged inputs; the caller waits for the replay
+    assert cuda.log[2:7] == [("record", "e1", "caller"), ("wait", "side", "e1"), ("launch", "side"),
+                             ("record", "e2", "side"), ("wait", "caller", "e2")]
+    graph.run(("micro-step", 0.25), lambda: calls.append("new key"))   # new dloss: warm up again
+    graph.run(("micro-step", 0.25), lambda: calls.append("new key"))
+    assert (graph.eager_runs, graph.captures, graph.replays) == (2, 2, 4)
+    graph.close()
+    assert graph.graph is None and cuda.log[-1] == ("synchronize", "side")
+
+
+def test_step_graph_falls_back_to_eager_when_an_op_allocates_during_capture():
+    cuda, runs, messages = FakeCuda(), [], []
+    graph = StepGraph(cuda=cuda, log=messages.append)
+
+    def body():
+        cuda.alloc(4096)                      # refused only while capturing
+        runs.append(1)
+
+    for _ in range(3):
+        graph.run("k", body)
+    assert len(runs) == 3, "every call did its work once"
+    assert graph.disabled.startswith("AllocationDuringCapture") and graph.replays == 0
+    assert cuda.allocator is None, "the refusing allocator was removed"
+    assert ("end_capture", "side") in cuda.log, "capture mode was left"
+    assert len(messages) == 1 and "running eagerly" in messages[0]
+    with pytest.raises(AllocationDuringCapture):
+        from llmpy.gpu.graph import _refuse_allocation
+        _refuse_allocation(16)
+
+
+def test_step_graph_propagates_errors_and_leaves_capture_mode():
+    cuda, count = FakeCuda(), [0]
+    graph = StepGraph(cuda=cuda, log=lambda msg: None)
+
+    def body():
+        count[0] += 1
+        if count[0] > 1:
+            raise ValueError("bad batch")
+
+    graph.run("k", body)                      # warm-up succeeds
+    with pytest.raises(ValueError, match="bad batch"):
+        graph.run("k", body)                  # fails in capture, then again eagerly: the caller sees it
+    assert cuda.log.count(("end_capture", "side")) == 1 and graph.graph is None
+    assert graph.disabled is not None
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU: helpers
+
+
+def make_params(cfg, seed=0):
+    flat = np.empty(num_parameters(cfg), dtype=np.float32)
+    init_params(cfg, flat)
+    if seed:   # a different model than the default init, same statistics
+        flat += np.random.default_rng(seed).normal(0, 0.02, flat.shape).astype(np.float32) * (flat != 0)
+    return flat
+
+
+def make_batches(cfg, B, T, n=1, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int32)
+        out.append((np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])))
+    return out
+
+
+def gpu_model(cfg, B, T, params, ops=None, **kw):
+    import llmpy.gpu
+    kw.setdefault("cuda_graph", False)
+    kw.setdefault("log", lambda msg: None)
+    return GPUGPT(cfg, ops or llmpy.gpu, params=params, batch_size=B, seq_len=T, **kw)
+
+
+def to_host(x) -> np.ndarray:
+    """A CuPy array (float32 or bf16) as a host float32 array."""
+    return x.reshape(-1).view(np.uint8).get().view(x.dtype).reshape(x.shape).astype(np.float32)
+
+
+def micro_step(model, inp, tgt, dloss, seed):
+    if isinstance(model, GPUGPT):
+        model.forward_backward(inp, tgt, dloss, seed=seed)
+    else:
+        model.forward(inp)
+        model.backward(inp, tgt, dloss, seed=seed)
+
+
+def train(model, batches, steps, rng, *, start=0, accum=1, lr=1e-3, eval_batch=None):
+    """train.py's step: zero_grad, accum micro-steps (one seed each), mean loss, norm, clip, AdamW
+    with 16 seeds drawn right after saving rng_state_last_update. Returns (losses, last_update_state)."""
+    B, T = batches[0][0].shape
+    losses, last = [], None
+    for step in range(start, start + steps):
+        if eval_batch is not None:           # a validation forward between steps, as train.py does
+            model.forward(eval_batch[0])
+            model.loss(eval_batch[1])
+        model.zero_grad()
+        for k in range(accum):
+            inp, tgt = batches[(step * accum + k) % len(batches)]
+            micro_step(model, inp, tgt, 1.0 / (B * T * accum), rng.random_u32())
+        losses.append(model.mean_loss(B * T * accum))
+        norm = model.grad_norm()
+        last = rng.state
+        seeds = [rng.random_u32() for _ in range(16)]
+        model.update(lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=step + 1,
+                     grad_scale=1.0 / norm if norm > 1.0 else 1.0, seeds=seeds)
+    return losses, last
+
+
+class RoundedOps:
+    """llmpy.cpu with each op's bf16-stored outputs rounded to bf16 after the call: a plain bf16
+    implementation (fp32 math, bf16 storage) whose error sets the GPU's error budget. LayerNorm
+    statistics and losses stay fp32, as on the GPU."""
+    OUTPUTS = {"encoder_forward": 1, "encoder_backward": 2, "layernorm_forward": 1, "layernorm_backward": 3,
+               "fused_residual_forward": 2, "residual_forward": 1, "matmul_forward": 1, "matmul_backward": 3,
+               "attention_forward": 3, "attention_backward": 4, "gelu_forward": 1, "gelu_backward": 1,
+               "fused_classifier": 1}
+
+    def __getattr__(self, name):
+        fn = getattr(cpu, name)
+        if name not in self.OUTPUTS:
+            return fn
+
+        def rounded(*args, **kwargs):
+            fn(*args, **kwargs)
+            for out in args[:self.OUTPUTS[name]]:
+                if out is not None:
+                    out[...] = bf16_round(out)
+        return rounded
+
+
+def reference_step(ops, cfg, params, inp, tgt):
+    """(logits[..., :V], mean loss, flat grads) of one forward + backward of the NumPy model."""
+    model = GPT(cfg, ops, params=params)
+    logits = model.forward(inp)[..., :cfg.vocab_size].copy()
+    model.zero_grad()
+    model.backward(inp, tgt, 1.0 / tgt.size, seed=0)
+    return logits, model.mean_loss(tgt.size), model.grads.copy()
+
+
+def gpu_step(model, inp, tgt):
+    logits = to_host(model.forward(inp))[..., :model.config.vocab_size]
+    model.zero_grad()
+    model.forward_backward(inp, tgt, 1.0 / tgt.size, seed=1234)
+    return logits, model.mean_loss(tgt.size), to_host(model.grads)
+
+
+# llm.c test_gpt2cu bf16 gradient thresholds (llmc-facts.md §5.2): |a - b| <= thr + 0.079 |b|
+LLMC_BF16_THRESHOLDS = dict(zip(param_shapes(TINY), (5e-1, 4e-3, 1e-1, 4e-2, 5e-2, 3.5e-2, 2e-2, 3e-2,
+                                                     5e-2, 3e-2, 3e-2, 3e-2, 2e-2, 1e-2, 1e-1, 2e-2)))
+
+# -------------------------------------------------------------------------------------------------
+# GPU: one step against the reference
+
+
+@requires_gpu
+@pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), pytest.param(D12, 4, 64, marks=pytest.mark.slow)],
+                         ids=["tiny", "d12"])
+def test_fp32_step_matches_cpu_reference(cfg, B, T):
+    params = make_params(cfg)
+    (inp, tgt), = make_batches(cfg, B, T)
+    ref_logits, ref_loss, ref_grads = reference_step(cpu, cfg, params, inp, tgt)
+    with gpu_model(cfg, B, T, params, dtype="fp32", tf32=False) as model:
+        logits, loss, grads = gpu_step(model, inp, tgt)
+    assert_close(logits, ref_logits, atol=2e-5 * np.abs(ref_logits).max(), rtol=1e-4, name="logits")
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    ref_g, g = carve(ref_grads, param_shapes(cfg)), carve(grads, param_shapes(cfg))
+    for name in ref_g:
+        scale = max(float(np.abs(ref_g[name]).max()), 1e-12)
+        assert_close(g[name], ref_g[name], atol=2e-4 * scale, rtol=1e-3, name=f"d{name}")
+    assert not g["wte"][cfg.vocab_size:].any(), "padded vocab rows get no gradient"
+
+
+@requires_gpu
+@pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), pytest.param(D12, 4, 64, marks=pytest.mark.slow)],
+                         ids=["tiny", "d12"])
+def test_bf16_step_within_error_budget(cfg, B, T):
+    """Error budget (STYLE.md §8): max|gpu - fp32| <= 4 max|plain bf16 - fp32| + floor, per tensor; the
+    fp32 and bf16-emulating references run on the same bf16-rounded weights. Plus llm.c's criterion."""
+    params = bf16_round(make_params(cfg))
+    (inp, tgt), = make_batches(cfg, B, T)
+    exact = reference_step(cpu, cfg, params, inp, tgt)
+    lowp = reference_step(RoundedOps(), cfg, params, inp, tgt)
+    with gpu_model(cfg, B, T, params, dtype="bf16") as model:
+        got = gpu_step(model, inp, tgt)
+
+    def within_budget(name, gpu, ref, low, k=4.0):
+        err = float(np.max(np.abs(gpu.astype(np.float64) - ref), initial=0.0))
+        budget = k * float(np.max(np.abs(low.astype(np.float64) - ref), initial=0.0))
+        budget += 1e-3 * float(np.max(np.abs(ref), initial=0.0)) + 1e-7
+        assert err <= budget, f"{name}: max error {err:.4g} exceeds budget {budget:.4g}"
+
+    within_budget("logits", got[0], exact[0], lowp[0])
+    assert abs(got[1] - exact[1]) <= 4 * abs(lowp[1] - exact[1]) + 1e-3 * abs(exact[1]), "loss"
+    shapes = param_shapes(cfg)
+    g, ref, low = carve(got[2], shapes), carve(exact[2], shapes), carve(lowp[2], shapes)
+    for name in shapes:
+        within_budget(f"d{name}", g[name], ref[name], low[name])
+        assert_close(g[name], ref[name], atol=LLMC_BF16_THRESHOLDS[name], rtol=0.079, name=f"d{name} (llm.c)")
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU: training
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 0.05)])   # llm.c: 1e-5 fp32 (own kernels vs
+def test_ten_steps_track_cpu_reference(dtype, tol):                        # PyTorch), 0.05 bf16
+    cfg, B, T = TINY, 4, 32
+    params = make_params(cfg)
+    params = bf16_round(params) if dtype == "bf16" else params
+    batches = make_batches(cfg, B, T)
+    ref, _ = train(GPT(cfg, cpu, params=params), batches, 10, XorShiftStar(13371337))
+    with gpu_model(cfg, B, T, params, dtype=dtype, tf32=False) as model:
+        got, _ = train(model, batches, 10, XorShiftStar(13371337))
+    assert ref[-1] < ref[0] - 0.5, f"the reference did not learn: {ref}"
+    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+
+
+@requires_gpu
+def test_graph_replay_matches_eager_bitwise():
+    cfg, B, T = TINY, 4, 32
+    params = make_params(cfg)
+    batches = make_batches(cfg, B, T, n=3)
+    eval_batch = make_batches(cfg, B, T, seed=9)[0]
+    results = {}
+    for graph in (False, True):
+        with gpu_model(cfg, B, T, params, dtype="bf16", cuda_graph=graph) as model:
+            losses, _ = train(model, batches, 5, XorShiftStar(13371337), accum=2, eval_batch=eval_batch)
+            results[graph] = (losses, model.params_f32(), model.optimizer_state())
+            if graph:
+                assert model.graph.disabled is None and model.graph.replays == 9   # 10 micro-steps, 1 warm-up
+    (l0, p0, s0), (l1, p1, s1) = results[False], results[True]
+    assert l1 == l0, "graph losses differ from eager"
+    assert np.array_equal(p1, p0) and all(np.array_equal(s1[k], s0[k]) for k in ("m", "v", "master"))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_resume_is_bit_exact(dtype, tmp_path):
+    """Train 6 steps with a checkpoint (llm.c's model_/state_ files) after 3; a fresh model resumed from
+    it repeats steps 4-6 bit for bit. In bf16 it starts from garbage params, which init-from-master must
+    overwrite with exactly the model file's values."""
+    from llmpy import checkpoint
+    cfg, B, T = TINY, 4, 32
+    batches = make_batches(cfg, B, T, n=4)
+    rng = XorShiftStar(13371337)
+    with gpu_model(cfg, B, T, make_params(cfg), dtype=dtype, cuda_graph=True) as model:
+        _, last = train(model, batches, 3, rng)
+        state = model.optimizer_state()
+        checkpoint.write_checkpoint(str(tmp_path), 3, cfg, model.params_f32(), dtype=model.checkpoint_dtype,
+                                    m=state["m"], v=state["v"], master=state["master"],
+                                    rng_state=rng.state, rng_state_last_update=last)
+        rest, _ = train(model, batches, 3, rng, start=3)
+
+    file_cfg, file_params = checkpoint.load_model(checkpoint.model_path(str(tmp_path), 3))
+    saved = checkpoint.load_state(checkpoint.state_path(str(tmp_path), 3), num_parameters=num_parameters(cfg))
+    assert file_cfg == cfg and (saved["master"] is not None) == (dtype == "bf16")
+    start = make_params(cfg, seed=7) if dtype == "bf16" else file_params
+    with gpu_model(cfg, B, T, start, dtype=dtype, cuda_graph=True) as model:
+        model.load_optimizer_state(saved)
+        assert np.array_equal(model.params_f32(), file_params), "params after resume"
+        rng = XorShiftStar(0)
+        rng.state = saved["rng_state"]
+        again, _ = train(model, batches, 3, rng, start=3)
+    assert again == rest, f"{again} != {rest}"
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU: memory
+
+
+class FailingOps:
+    """llmpy.gpu whose attention_backward raises: while a graph is captured only (when=capture),
+    or from the n-th call on."""
+
+    def __init__(self, *, when="capture", after=0):
+        import llmpy.gpu
+        self.base, self.when, self.after, self.calls = llmpy.gpu, when, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def attention_backward(self, *args, **kwargs):
+        import cupy as cp
+        self.calls += 1
+        if (self.when == "capture" and cp.cuda.get_current_stream().is_capturing()) or \
+                (self.when == "calls" and self.calls > self.after):
+            raise RuntimeError("boom")
+        self.base.attention_backward(*args, **kwargs)
+
+
+@requires_gpu
+def test_memory_returns_to_baseline_after_close_and_exceptions():
+    import cupy as cp
+    from llmpy.gpu import cublaslt
+    pool = cp.get_default_memory_pool()
+    cfg, B, T = TINY, 4, 32
+    params, batches = make_params(cfg), make_batches(cfg, B, T)
+
+    def used():
+        pool.free_all_blocks()
+        return pool.used_bytes()
+
+    handle = cublaslt.default_handle()
+    base = used()
+    with gpu_model(cfg, B, T, params, cuda_graph=True) as model:
+        train(model, batches, 3, XorShiftStar(1))
+        model.forward(np.zeros((1, 16), dtype=np.int32))         # a sampling shape: pool activations
+        assert "arena" in model.memory_report()
+        assert pool.used_bytes() > base
+    assert used() == base and cublaslt.default_handle() is handle
+
+    # a bad batch inside a step
+    with pytest.raises(ValueError, match="token ids"):
+        with gpu_model(cfg, B, T, params, cuda_graph=True) as model:
+            train(model, batches, 2, XorShiftStar(1))
+            model.forward_backward(batches[0][0] + cfg.vocab_size, batches[0][1], 1.0, seed=0)
+    assert used() == base
+
+    # an op failing during capture: the graph is turned off, training goes on eagerly and matches
+    with gpu_model(cfg, B, T, params, dtype="bf16") as model:
+        eager, _ = train(model, batches, 3, XorShiftStar(1))
+    with gpu_model(cfg, B, T, params, ops=FailingOps(when="capture"), dtype="bf16", cuda_graph=True) as model:
+        fallback, _ = train(model, batches, 3, XorShiftStar(1))
+        assert "boom" in model.graph.disabled
+    assert fallback == eager
+    assert used() == base
+
+    # an op failing in the middle of an eager step
+    with pytest.raises(RuntimeError, match="boom"):
+        with gpu_model(cfg, B, T, params, ops=FailingOps(when="calls", after=5)) as model:
+            train(model, batches, 5, XorShiftStar(1))
+    assert used() == base and cublaslt.default_handle() is handle
+
+
+@requires_gpu
+def test_train_setup_prints_device_and_builds_the_engine():
+    from llmpy.train import TrainConfig
+    lines = []
+    ops, make_model = train_setup(TrainConfig(batch_size=2, seq_len=32), log=lines.append)
+    assert lines[0].startswith("device: cuda (") and ", sm_" in lines[0]
+    with make_model(TINY, make_params(TINY)) as model:
+        assert isinstance(model, GPUGPT) and model.checkpoint_dtype == "bf16" and model.master is not None
+        assert model.graph is not None and (model.B, model.T) == (2, 32)
+        assert model.mfu(64, 1.0, 32) != 0
