@@ -1,0 +1,459 @@
+"""Whole-training-step benchmark: llmpy against PyTorch, side by side, same weights, same batch.
+
+    python scripts/bench_train.py --device cpu --quick --out out/bench            # tiny model, seconds
+    python scripts/bench_train.py --device cpu -e d12 -B 4 -T 64 --threads 2 --out out/bench
+    python scripts/bench_train.py --device cuda -e d12 -B 8 -T 1024 --out out/bench
+
+One step is what llmpy/train.py does per optimizer step: zero grads, forward, backward (loss and
+gradients), global gradient norm with clipping at 1.0, AdamW (betas 0.9/0.95, eps 1e-8, weight decay
+0.1 on matrices). Both sides start from llmpy.rng.init_params (llm.c's init) and train on one fixed
+random batch; their per-step losses are printed side by side and the first (same weights, same batch)
+must agree.
+
+  cpu   llmpy: llmpy.model.GPT on llmpy.cpu (NumPy, float32), each phase timed with perf_counter.
+        torch: transformers' GPT2LMHeadModel (eager attention, dropout 0; --torch-model plain for a
+        plain-torch GPT-2) with torch.optim.AdamW (its CPU default implementation), float32.
+        Both get --threads threads: NumPy's BLAS through OMP/OPENBLAS/MKL_NUM_THREADS, set before NumPy
+        is imported, and torch.set_num_threads. Peak memory: tracemalloc (NumPy's allocations) over
+        llmpy's set-up and first step; torch (run first) the growth of the process's peak RSS.
+  cuda  llmpy: llmpy.gpu.engine.GPUGPT (bf16, fp32 master weights, the trainer's defaults), eagerly and,
+        when the engine supports it, replaying a CUDA graph. GPU busy time is measured by queueing the
+        step behind a long matmul so the GPU never waits for the host; host overhead = wall - busy.
+        torch: PlainGPT2, torch.compile, bf16 autocast, flash attention (SDPA), fused AdamW.
+        Peak memory: CuPy's pool / torch.cuda.max_memory_allocated.
+
+Reported: ms/step (median of --steps after --warmup), tok/s, MFU (6N + 6LCT FLOPs per token,
+perf-anchors.md §8; against the GEMM rate measured here, and on the GPU also llm.c's nominal bf16 peak),
+peak memory, llmpy's forward/backward/optimizer split and llmpy/torch. Writes DIR/bench_train_<device>.json.
+Timings are only comparable on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _threads_from_argv(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+# BLAS reads its thread count once, when NumPy is imported: set it first.
+if __name__ == "__main__" and _threads_from_argv(sys.argv[1:]):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _threads_from_argv(sys.argv[1:])
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import math  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import benchutil as bu  # noqa: E402
+from llmpy.model import GPTConfig, num_parameters  # noqa: E402
+
+LR, WEIGHT_DECAY, BETA1, BETA2, EPS, GRAD_CLIP = 3e-4, 0.1, 0.9, 0.95, 1e-8, 1.0
+TINY = GPTConfig(max_seq_len=64, vocab_size=1000, padded_vocab_size=1024, num_layers=2, num_heads=4,
+                 channels=128)
+LOSS_RTOL = {"cpu": 1e-4, "cuda": 2e-2}   # first-step loss: fp32 on both sides / bf16 on both sides
+
+
+def flops_per_token(cfg: GPTConfig, T: int) -> int:
+    """llm.c's count (perf-anchors.md §8): 6 N (every weight, forward + backward) + 6 L C T (attention)."""
+    return 6 * num_parameters(cfg) + 6 * cfg.num_layers * cfg.channels * T
+
+
+def mfu(fpt: int, tokens_per_step: int, ms: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation, percent: achieved model FLOP/s over the peak (llm.c's definition)."""
+    return 100 * fpt * tokens_per_step / (ms / 1e3) / (peak_tflops * 1e12)
+
+
+def summarize(times_ms: list[float], tokens: int, fpt: int, peak_tflops: float | None) -> dict:
+    ms = bu.median(times_ms)
+    r = {"ms_per_step": ms, "ms_all": times_ms, "tok_per_s": tokens / ms * 1e3}
+    if peak_tflops:
+        r["mfu_pct"] = mfu(fpt, tokens, ms, peak_tflops)
+    return r
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+# -------------------------------------------------------------------------------------------------
+# llmpy
+
+
+def llmpy_step_cpu(model, inp, tgt, t: int, seed: int) -> tuple[float, list[float]]:
+    """One optimizer step as llmpy/train.py runs it. Returns (loss, [t0, t_fwd, t_bwd, t_opt])."""
+    B, T = inp.shape
+    stamps = [time.perf_counter()]
+    model.zero_grad()
+    model.forward(inp)
+    stamps.append(time.perf_counter())
+    model.backward(inp, tgt, 1.0 / (B * T), seed=seed)
+    loss = model.mean_loss(B * T)
+    stamps.append(time.perf_counter())
+    norm = model.grad_norm()
+    model.update(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WEIGHT_DECAY, t=t,
+                 grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0)
+    model.synchronize()
+    stamps.append(time.perf_counter())
+    return loss, stamps
+
+
+def bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peak) -> dict:
+    import llmpy.cpu as ops
+    from llmpy.model import GPT
+    tracemalloc.start()   # NumPy reports its buffers to tracemalloc: set-up + first step = the peak
+    model = GPT(cfg, ops, params=params)
+    losses = [llmpy_step_cpu(model, inp, tgt, 1, seed=1)[0]]
+    _, peak_bytes = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    for i in range(1, args.warmup):
+        losses.append(llmpy_step_cpu(model, inp, tgt, i + 1, seed=i + 1)[0])
+    times, phases = [], {"forward": [], "backward": [], "optimizer": []}
+    for i in range(args.steps):
+        t = args.warmup + i + 1
+        loss, s = llmpy_step_cpu(model, inp, tgt, t, seed=t)
+        losses.append(loss)
+        times.append((s[3] - s[0]) * 1e3)
+        for k, name in enumerate(phases):
+            phases[name].append((s[k + 1] - s[k]) * 1e3)
+    r = summarize(times, inp.size, fpt, peak)
+    r.update(losses=losses, phases_ms={k: bu.median(v) for k, v in phases.items()},
+             peak_memory_mb=peak_bytes / 2**20, memory_method="tracemalloc peak (NumPy buffers)",
+             impl="llmpy.cpu (NumPy float32)")
+    return r
+
+
+class Blocker:
+    """Queues matmuls that keep the GPU busy for a given time, so the work enqueued right after them
+    runs back to back, never waiting for the host: its event-timed span is GPU busy time."""
+
+    def __init__(self):
+        import cupy as cp
+        self.cp = cp
+        self.a = cp.ones((4096, 4096), dtype=np.float32)
+        self.c = cp.empty_like(self.a)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        cp.matmul(self.a, self.a, out=self.c)
+        start.record()
+        for _ in range(5):
+            cp.matmul(self.a, self.a, out=self.c)
+        end.record()
+        end.synchronize()
+        self.ms_per_gemm = cp.cuda.get_elapsed_time(start, end) / 5
+
+    def __call__(self, ms: float):
+        for _ in range(max(1, math.ceil(ms / self.ms_per_gemm))):
+            self.cp.matmul(self.a, self.a, out=self.c)
+
+
+def llmpy_step_gpu(model, inp, tgt, t: int, seed: int, *, graph: bool) -> tuple[float, list[float]]:
+    """The trainer's step on the GPU engine; stamps after forward(+backward), backward, optimizer."""
+    B, T = inp.shape
+    stamps = [time.perf_counter()]
+    model.zero_grad()
+    if graph:
+        model.forward_backward(inp, tgt, 1.0 / (B * T), seed=seed)
+        stamps.append(stamps[0])
+    else:
+        model.forward(inp)
+        stamps.append(time.perf_counter())
+        model.backward(inp, tgt, 1.0 / (B * T), seed=seed)
+    loss = model.mean_loss(B * T)
+    stamps.append(time.perf_counter())
+    norm = model.grad_norm()
+    model.update(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WEIGHT_DECAY, t=t,
+                 grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=[seed + i for i in range(16)])
+    model.synchronize()
+    stamps.append(time.perf_counter())
+    return loss, stamps
+
+
+def gpu_busy_step(model, inp, tgt, t: int, blocker: Blocker, enqueue_ms: float, *, graph: bool) -> dict:
+    """The same device work queued behind the blocker; CUDA events give each phase's busy time."""
+    cp = model.xp
+    B, T = inp.shape
+    ev = [cp.cuda.Event() for _ in range(7)]
+    model.zero_grad()
+    blocker(1.5 * enqueue_ms + 5.0)
+    ev[0].record()
+    if graph:
+        model.forward_backward(inp, tgt, 1.0 / (B * T), seed=t)
+        ev[1].record()
+    else:
+        model.forward(inp)
+        ev[1].record()
+        model.backward(inp, tgt, 1.0 / (B * T), seed=t)
+    ev[2].record()
+    blocker(2.0)
+    ev[3].record()
+    model.ops.global_norm_squared(model.norm, model.grads)   # grad_norm() without reading it back
+    ev[4].record()
+    blocker(5.0)
+    ev[5].record()
+    model.update(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WEIGHT_DECAY, t=t, grad_scale=1.0,
+                 seeds=list(range(16)))
+    ev[6].record()
+    ev[6].synchronize()
+    span = lambda i, j: cp.cuda.get_elapsed_time(ev[i], ev[j])  # noqa: E731
+    r = {"forward": span(0, 1), "backward": span(1, 2), "optimizer": span(3, 4) + span(5, 6)}
+    if graph:   # one replay does both; the encoder backward runs after it
+        r = {"forward+backward": span(0, 2), "optimizer": r["optimizer"]}
+    r["busy"] = sum(r.values())
+    return r
+
+
+def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool) -> dict:
+    import cupy as cp
+    import llmpy.gpu as ops
+    from llmpy.gpu.engine import GPUGPT, engine_options
+    from llmpy.train import TrainConfig
+    tcfg = dataclasses.replace(TrainConfig(), batch_size=inp.shape[0], seq_len=inp.shape[1], device="cuda",
+                               cuda_graph=int(graph))
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    inp_d, tgt_d = cp.asarray(inp), cp.asarray(tgt)   # device tokens: no pageable copies inside the step
+    with GPUGPT(cfg, ops, params=params, log=lambda *a: None, **engine_options(tcfg)) as model:
+        losses, times, phase_host = [], [], []
+        for i in range(args.warmup + args.steps):
+            loss, s = llmpy_step_gpu(model, inp_d, tgt_d, i + 1, seed=i + 1, graph=graph)
+            losses.append(loss)
+            if i >= args.warmup:
+                times.append((s[3] - s[0]) * 1e3)
+                phase_host.append((s[2] - s[0]) * 1e3)
+        blocker = Blocker()
+        busy = [gpu_busy_step(model, inp_d, tgt_d, args.warmup + args.steps + k + 1, blocker,
+                              bu.median(phase_host), graph=graph) for k in range(3)]
+        mode = "graph" if graph else "eager"
+        if graph and getattr(model.graph, "disabled", None):
+            mode = f"eager (graph capture failed: {model.graph.disabled})"
+        r = summarize(times, inp.size, fpt, peaks.get("gemm_tflops"))
+        busy_ms = bu.median([b["busy"] for b in busy])
+        r.update(losses=losses, impl=f"llmpy.gpu ({model.dtype.name}, {mode})",
+                 phases_ms={k: bu.median([b[k] for b in busy]) for k in busy[0] if k != "busy"},
+                 gpu_busy_ms=busy_ms, host_overhead_ms=r["ms_per_step"] - busy_ms,
+                 peak_memory_mb=pool.total_bytes() / 2**20,
+                 memory_method="CuPy pool bytes held after the run (arena + temporaries)",
+                 arena_mb=model.arena.nbytes / 2**20)
+        if peaks.get("nominal_tflops"):
+            r["mfu_nominal_pct"] = mfu(fpt, inp.size, r["ms_per_step"], peaks["nominal_tflops"])
+    pool.free_all_blocks()
+    return r
+
+
+# -------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def bench_torch(cfg, params, inp, tgt, args, fpt, peaks) -> dict:
+    import torch
+    import torch_gpt2 as tg
+    cuda = args.device == "cuda"
+    dev = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    rss0 = rss_mb()
+    if args.torch_model == "hf":
+        model = tg.hf_gpt2(cfg, params, attn=args.torch_attn)
+    else:
+        model = tg.PlainGPT2(cfg, attn=args.torch_attn).load_flat(cfg, params)
+    model = model.to(dev)
+    opt = tg.adamw(model, lr=LR, weight_decay=WEIGHT_DECAY, **({"fused": True} if cuda else {}))
+    step_model = torch.compile(model) if cuda else model
+    x, y = (torch.from_numpy(a.astype(np.int64)).to(dev) for a in (inp, tgt))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        stamps = [time.perf_counter()]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = step_model(x, y)
+        stamps.append(time.perf_counter())
+        loss.backward()
+        stamps.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        stamps.append(time.perf_counter())
+        return float(loss.detach()), stamps
+
+    losses, times, phases = [], [], {"forward": [], "backward": [], "optimizer": []}
+    for i in range(args.warmup + args.steps):
+        loss, s = step()
+        losses.append(loss)
+        if i >= args.warmup:
+            times.append((s[3] - s[0]) * 1e3)
+            for k, name in enumerate(phases):
+                phases[name].append((s[k + 1] - s[k]) * 1e3)
+    r = summarize(times, inp.size, fpt, peaks.get("gemm_tflops"))
+    r.update(losses=losses, impl=describe_torch(args), torch_version=torch.__version__)
+    if cuda:
+        r.update(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+                 memory_method="torch.cuda.max_memory_allocated")
+        if peaks.get("nominal_tflops"):
+            r["mfu_nominal_pct"] = mfu(fpt, inp.size, r["ms_per_step"], peaks["nominal_tflops"])
+    else:   # host-side phases are only meaningful without asynchronous execution
+        r.update(phases_ms={k: bu.median(v) for k, v in phases.items()},
+                 peak_memory_mb=maxrss_mb() - rss0,
+                 memory_method="growth of the process's peak RSS over torch's set-up and run")
+    del opt, model, step_model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return r
+
+
+def describe_torch(args) -> str:
+    model = "transformers GPT2LMHeadModel" if args.torch_model == "hf" else "plain torch GPT-2"
+    if args.device == "cuda":
+        return f"{model}, torch.compile, bf16 autocast, {args.torch_attn} attention, fused AdamW"
+    return f"{model}, eager, float32, {args.torch_attn} attention, AdamW (default), {args.threads} threads"
+
+
+# -------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny model (--tiny), 2 warm-up + 3 timed steps")
+    p.add_argument("-e", "--model", default="d12", help="llm.c descriptor: d6, d12, d24, ... (default d12)")
+    p.add_argument("--tiny", action="store_true", help=f"a tiny config instead of -e: {TINY}")
+    p.add_argument("-B", type=int, default=0, help="batch size (default: 4 on cpu, 8 on cuda)")
+    p.add_argument("-T", type=int, default=0, help="sequence length (default: 64 on cpu, 1024 on cuda)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps (default: 10 on cpu, 20 on cuda; quick: 3)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 2 on cpu, 5 on cuda)")
+    p.add_argument("--threads", type=int, default=0, help="cpu threads for NumPy's BLAS and torch "
+                                                          "(default: OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--torch-model", choices=("hf", "plain"), default="",
+                   help="reference model (default: hf on cpu, plain on cuda)")
+    p.add_argument("--torch-attn", choices=("eager", "sdpa"), default="",
+                   help="reference attention (default: eager on cpu, sdpa = flash on cuda)")
+    p.add_argument("--no-torch", action="store_true", help="time llmpy only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+    p.add_argument("--out", required=True, help="output directory for bench_train_<device>.json")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.B = args.B or (8 if cuda else 4)
+    args.T = args.T or (1024 if cuda else 64)
+    args.steps = args.steps or (3 if args.quick else 20 if cuda else 10)
+    args.warmup = args.warmup or (2 if args.quick else 5 if cuda else 2)
+    args.threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
+    args.torch_model = args.torch_model or ("plain" if cuda else "hf")
+    args.torch_attn = args.torch_attn or ("sdpa" if cuda else "eager")
+    args.tiny = args.tiny or args.quick
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = TINY if args.tiny else GPTConfig.from_descriptor(args.model)
+    B, T = args.B, min(args.T, cfg.max_seq_len)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = bu.run_metadata(args.device, argv)
+    if args.device == "cpu" and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+        print(f"bench_train: NumPy's BLAS threads are set by the environment before NumPy loads: run as a "
+              f"script with --threads {args.threads} (OPENBLAS_NUM_THREADS is "
+              f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
+    from llmpy.rng import init_params
+    params = init_params(cfg)
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
+    inp, tgt = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+    fpt = flops_per_token(cfg, T)
+
+    # the device's GEMM rate (the MFU denominator here) and, on the GPU, llm.c's nominal peak
+    if args.device == "cuda":
+        import cupy as cp
+        import ml_dtypes
+        gemm = bu.measure_gemm_rate(cp, 8192, ml_dtypes.bfloat16, timer=bu.GpuTimer())
+        peaks = {"gemm_tflops": gemm["tflops"], "gemm": gemm,
+                 "nominal_tflops": bu.nominal_bf16_tflops(meta["device"])}
+    else:
+        gemm = bu.measure_gemm_rate(np, 1024 if args.quick else 2048, np.float32,
+                                    timer=lambda fn, **kw: bu.time_cpu(fn, **kw))
+        peaks = {"gemm_tflops": gemm["tflops"], "gemm": gemm}
+    print(f"device: {meta['device']}; model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} "
+          f"Vp={cfg.padded_vocab_size}, {num_parameters(cfg):,} params; B={B} T={T}; "
+          f"{fpt / 1e9:.4f} GFLOP/token; threads {args.threads}; "
+          f"measured GEMM peak {gemm['tflops']:.3f} TFLOP/s")
+    print("bench_train: timings are only comparable on an otherwise idle machine")
+
+    result = {**meta, "threads": args.threads if args.device == "cpu" else None,
+              "config": dataclasses.asdict(cfg), "num_parameters": num_parameters(cfg), "B": B, "T": T,
+              "steps": args.steps, "warmup": args.warmup, "flops_per_token": fpt, "peaks": peaks}
+    if not args.no_torch:   # first on the CPU: its peak RSS is then its own
+        result["torch"] = bench_torch(cfg, params, inp, tgt, args, fpt, peaks)
+        report("torch", result["torch"])
+    if args.device == "cuda":
+        from llmpy.gpu import engine
+        result["llmpy_eager"] = bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, graph=False)
+        report("llmpy eager", result["llmpy_eager"])
+        if hasattr(engine, "GPUGPT") and hasattr(engine.GPUGPT, "forward_backward"):
+            result["llmpy"] = bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, graph=True)
+            report("llmpy graph", result["llmpy"])
+        else:
+            result["llmpy"] = result["llmpy_eager"]
+    else:
+        result["llmpy"] = bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peaks["gemm_tflops"])
+        report("llmpy", result["llmpy"])
+
+    ok = True
+    if "torch" in result:
+        a, b = result["llmpy"]["losses"], result["torch"]["losses"]
+        print("\nstep  llmpy loss    torch loss")
+        for i, (la, lb) in enumerate(zip(a, b)):
+            print(f"{i + 1:4d}  {la:10.6f}  {lb:10.6f}")
+        ok = math.isclose(a[0], b[0], rel_tol=LOSS_RTOL[args.device])
+        result["first_step_loss"] = {"llmpy": a[0], "torch": b[0], "abs_diff": abs(a[0] - b[0]), "match": ok}
+        result["ratio_ms_llmpy_over_torch"] = result["llmpy"]["ms_per_step"] / result["torch"]["ms_per_step"]
+        print(f"first-step loss: llmpy {a[0]:.6f}, torch {b[0]:.6f} -> {'agree' if ok else 'DISAGREE'}")
+        print(f"ms/step llmpy / torch = {result['ratio_ms_llmpy_over_torch']:.3f}")
+    result["process_peak_rss_mb"] = maxrss_mb()
+    path = bu.write_json(out / f"bench_train_{args.device}.json", result)
+    print(f"wrote {path}")
+    return 0 if ok else 1
+
+
+def report(name: str, r: dict):
+    line = f"{name:12s} {r['ms_per_step']:9.2f} ms/step  {r['tok_per_s']:10.0f} tok/s"
+    if "mfu_pct" in r:
+        line += f"  MFU {r['mfu_pct']:5.1f}% (measured GEMM peak)"
+    if "mfu_nominal_pct" in r:
+        line += f"  {r['mfu_nominal_pct']:5.1f}% (nominal bf16)"
+    if "peak_memory_mb" in r:
+        line += f"  peak mem {r['peak_memory_mb']:.0f} MiB"
+    print(line)
+    if "phases_ms" in r:
+        print(" " * 13 + "  ".join(f"{k} {v:.2f} ms" for k, v in r["phases_ms"].items()))
+    if "gpu_busy_ms" in r:
+        print(" " * 13 + f"GPU busy {r['gpu_busy_ms']:.2f} ms, host overhead {r['host_overhead_ms']:.2f} ms")
+    print(" " * 13 + r["impl"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The benchmark and plotting scripts in scripts/ still run: each one's --quick CPU mode, end to end.
+
+What this proves: the scripts import, call llmpy the way the trainer does, write their JSON and PNGs,
+and (bench_kernels) every op family's baseline agrees with llmpy.cpu, (bench_train) llmpy's first-step
+loss agrees with PyTorch's. Not timings: those are only meaningful on an idle machine. Each script runs
+in a subprocess, as a user would run it, with one BLAS thread (multi-threaded BLAS on a busy CI
+machine is erratic and slow).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+FAMILIES = ("encoder", "layernorm", "fused_residual", "residual", "matmul", "attention", "gelu",
+            "classifier", "adamw", "global_norm")
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, \
+        f"{name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_bench_kernels_quick_covers_every_op_family(tmp_path):
+    run_script("bench_kernels.py", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bench_kernels.json").read_text())
+    timed = [r for r in rows if "ms" in r and r["op"] != "peak"]
+    assert {r["op"] for r in timed} == set(FAMILIES)
+    for r in timed:
+        assert r["check_ok"], r
+        assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["pct_peak"] > 0
+        assert ("gbps" in r) != ("tflops" in r)
+        assert {"direction", "shape", "backend", "device", "commit", "date", "command"} <= r.keys()
+    assert {(r["op"], r["direction"]) for r in timed} >= {("gelu", "forward"), ("gelu", "backward"),
+                                                         ("matmul", "forward"), ("matmul", "backward")}
+    assert {r["direction"] for r in rows if r["op"] == "peak"} == {"copy", "gemm"}
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_matmul_sweep_quick(tmp_path):
+    run_script("bench_matmul_sweep.py", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "matmul_sweep.json").read_text())
+    assert len({r["impl"] for r in rows}) == 2
+    assert {r["direction"] for r in rows} == {"forward", "backward"}
+    assert all(r["ms"] > 0 and r["flops"] > 0 for r in rows)
+    assert (tmp_path / "matmul_sweep.png").stat().st_size > 0
+
+
+def test_bench_train_quick_llmpy_and_torch(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    run_script("bench_train.py", "--device", "cpu", "--quick", "--threads", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "bench_train_cpu.json").read_text())
+    for impl in ("llmpy", "torch"):
+        assert result[impl]["ms_per_step"] > 0 and result[impl]["tok_per_s"] > 0
+        assert result[impl]["peak_memory_mb"] > 0
+        assert len(result[impl]["losses"]) == result["warmup"] + result["steps"]
+    assert set(result["llmpy"]["phases_ms"]) == {"forward", "backward", "optimizer"}
+    assert result["first_step_loss"]["match"], result["first_step_loss"]
+    assert result["ratio_ms_llmpy_over_torch"] > 0
+    assert result["flops_per_token"] > 0 and result["commit"] and result["command"]
+
+
+def test_plot_log_synthetic(tmp_path):
+    for run, scale in (("run_a", 1.0), ("run_b", 1.1)):
+        d = tmp_path / run
+        d.mkdir()
+        lines = [f"s:{s} trl:{scale * (5 - s / 10):.4f} lr:0.000300 norm:1.00" for s in range(30)]
+        lines += [f"s:{s} tel:{scale * (5.1 - s / 10):.4f}" for s in range(0, 30, 10)] + ["s:29 eval:0.2500"]
+        (d / "main.log").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "loss.png"
+    stdout = run_script("plot_log.py", str(tmp_path / "run_a"), str(tmp_path / "run_b" / "main.log"),
+                        "--out", str(out), "--smooth", "5")
+    assert "run_a: 30 train, 3 val points" in stdout
+    assert out.stat().st_size > 0
