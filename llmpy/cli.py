@@ -34,7 +34,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         names = [f.metadata["short"], long] if f.metadata["short"] else [long]
         kind = type(f.default)
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        p.add_argument(*names, dest=f.name, type=kind, default=f.default, help=help_text,
+        # SUPPRESS: only flags the user typed reach the namespace (the embedded preset fills the rest)
+        p.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
                        choices=f.metadata.get("choices"), metavar=kind.__name__.upper())
     return p
 
@@ -84,8 +85,9 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.command == "train":
-            from llmpy.train import TrainConfig, train
-            train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+            from llmpy.train import TrainConfig, train, with_embedded_defaults
+            given = {k: v for k, v in vars(args).items() if k != "command"}
+            train(with_embedded_defaults(TrainConfig(**given), set(given)))
         elif args.command == "sample":
             from llmpy.commands import sample_command
             sample_command(args)

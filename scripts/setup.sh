@@ -21,6 +21,11 @@ if [ "${1:-}" = "--test" ]; then
     # the cuda extras include the kernel compiler; CPU-only machines get NVRTC + headers for the offline check
     extras="${extras:-nvrtc},test"
 fi
-# PyTorch's CPU wheels (test oracle only) live on PyTorch's own index
-python -m pip install -q -e ".${extras:+[$extras]}" --extra-index-url https://download.pytorch.org/whl/cpu
+# PyTorch's CPU wheels (test oracle only) live on PyTorch's own index; use it when it resolves
+# (otherwise pip's configured indexes / find-links must provide torch)
+index=()
+if [[ "$extras" == *test* ]] && python -c "import socket; socket.setdefaulttimeout(5); socket.getaddrinfo('download.pytorch.org', 443)" 2>/dev/null; then
+    index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+fi
+python -m pip install -q -e ".${extras:+[$extras]}" "${index[@]}"
 echo "setup: done (.venv with llmpy${extras:+[$extras]})"
