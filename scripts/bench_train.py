@@ -99,38 +99,20 @@ def maxrss_mb() -> float:
 # llmpy
 
 
-def llmpy_step_cpu(model, inp, tgt, t: int, seed: int) -> tuple[float, list[float]]:
-    """One optimizer step as llmpy/train.py runs it. Returns (loss, [t0, t_fwd, t_bwd, t_opt])."""
-    B, T = inp.shape
-    stamps = [time.perf_counter()]
-    model.zero_grad()
-    model.forward(inp)
-    stamps.append(time.perf_counter())
-    model.backward(inp, tgt, 1.0 / (B * T), seed=seed)
-    loss = model.mean_loss(B * T)
-    stamps.append(time.perf_counter())
-    norm = model.grad_norm()
-    model.update(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WEIGHT_DECAY, t=t,
-                 grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0)
-    model.synchronize()
-    stamps.append(time.perf_counter())
-    return loss, stamps
-
-
 def bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peak) -> dict:
     import llmpy.cpu as ops
     from llmpy.model import GPT
     tracemalloc.start()   # NumPy reports its buffers to tracemalloc: set-up + first step = the peak
     model = GPT(cfg, ops, params=params)
-    losses = [llmpy_step_cpu(model, inp, tgt, 1, seed=1)[0]]
+    losses = [llmpy_step(model, inp, tgt, 1, seed=1)[0]]
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     for i in range(1, args.warmup):
-        losses.append(llmpy_step_cpu(model, inp, tgt, i + 1, seed=i + 1)[0])
+        losses.append(llmpy_step(model, inp, tgt, i + 1, seed=i + 1)[0])
     times, phases = [], {"forward": [], "backward": [], "optimizer": []}
     for i in range(args.steps):
         t = args.warmup + i + 1
-        loss, s = llmpy_step_cpu(model, inp, tgt, t, seed=t)
+        loss, s = llmpy_step(model, inp, tgt, t, seed=t)
         losses.append(loss)
         times.append((s[3] - s[0]) * 1e3)
         for k, name in enumerate(phases):
@@ -165,8 +147,9 @@ class Blocker:
             self.cp.matmul(self.a, self.a, out=self.c)
 
 
-def llmpy_step_gpu(model, inp, tgt, t: int, seed: int, *, graph: bool) -> tuple[float, list[float]]:
-    """The trainer's step on the GPU engine; stamps after forward(+backward), backward, optimizer."""
+def llmpy_step(model, inp, tgt, t: int, seed: int, *, graph: bool = False) -> tuple[float, list[float]]:
+    """One optimizer step as llmpy/train.py runs it, on either backend (graph: the GPU engine's captured
+    forward+backward). Returns (loss, [t0, t_forward, t_backward, t_optimizer])."""
     B, T = inp.shape
     stamps = [time.perf_counter()]
     model.zero_grad()
@@ -234,7 +217,7 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool) -> 
     with GPUGPT(cfg, ops, params=params, log=lambda *a: None, **engine_options(tcfg)) as model:
         losses, times, phase_host = [], [], []
         for i in range(args.warmup + args.steps):
-            loss, s = llmpy_step_gpu(model, inp_d, tgt_d, i + 1, seed=i + 1, graph=graph)
+            loss, s = llmpy_step(model, inp_d, tgt_d, i + 1, seed=i + 1, graph=graph)
             losses.append(loss)
             if i >= args.warmup:
                 times.append((s[3] - s[0]) * 1e3)

@@ -19,6 +19,22 @@ def _check_sizes(dtype, C: int):
     K.check_multiple("C", C, K.x128_elems(dtype), f"16-byte loads of {dtype}")
 
 
+def _check_args(inp, act, table, pos):
+    """Shared checks of the forward and backward: inp (B, T) int32, act (B, T, C), table (rows, C) and
+    pos (maxT, C) of one float dtype with T <= maxT. Each is a (name, array) pair. Returns B, T, C, dtype."""
+    K.check("inp", inp, dtype=np.int32, ndim=2)
+    B, T = inp.shape
+    dtype = K.check_floats(**dict((act, table, pos)))
+    C = table[1].shape[-1]
+    K.check(act[0], act[1], shape=(B, T, C))
+    K.check(table[0], table[1], shape=(None, C))
+    K.check(pos[0], pos[1], shape=(None, C))
+    if T > pos[1].shape[0]:
+        raise ValueError(f"inp: T = {T} exceeds {pos[0]}'s {pos[1].shape[0]} positions")
+    _check_sizes(dtype, C)
+    return B, T, C, dtype
+
+
 def encoder_forward(out, inp, wte, wpe, *, block_size=BLOCK_SIZE):
     """out[b, t] = wte[inp[b, t]] + wpe[t].
 
@@ -26,16 +42,7 @@ def encoder_forward(out, inp, wte, wpe, *, block_size=BLOCK_SIZE):
     wte (Vp, C); wpe (maxT, C) with T <= maxT. One float dtype, C a multiple of 8 (bf16) / 4 (float32).
     Overwrites out.
     """
-    K.check("inp", inp, dtype=np.int32, ndim=2)
-    B, T = inp.shape
-    dtype = K.check_floats(out=out, wte=wte, wpe=wpe)
-    C = wte.shape[-1]
-    K.check("out", out, shape=(B, T, C))
-    K.check("wte", wte, shape=(None, C))
-    K.check("wpe", wpe, shape=(None, C))
-    if T > wpe.shape[0]:
-        raise ValueError(f"inp: T = {T} exceeds wpe's {wpe.shape[0]} positions")
-    _check_sizes(dtype, C)
+    B, T, C, dtype = _check_args(inp, ("out", out), ("wte", wte), ("wpe", wpe))
     block_size = K.check_block_size(block_size)
     K.launch("encoder.cu", K.template_name("encoder_forward_kernel", dtype),
              K.elementwise_grid(B * T * C, dtype, block_size), (block_size,),
@@ -90,16 +97,7 @@ def encoder_backward(dwte, dwpe, dout, inp, *, seed=0, inp_host=None, workspace=
     (else one is allocated: pass it when capturing a CUDA graph -- though the host step itself
     cannot be captured, so this op stays outside captured regions, as in llm.c).
     """
-    K.check("inp", inp, dtype=np.int32, ndim=2)
-    B, T = inp.shape
-    dtype = K.check_floats(dwte=dwte, dwpe=dwpe, dout=dout)
-    C = dwte.shape[-1]
-    K.check("dout", dout, shape=(B, T, C))
-    K.check("dwte", dwte, shape=(None, C))
-    K.check("dwpe", dwpe, shape=(None, C))
-    if T > dwpe.shape[0]:
-        raise ValueError(f"inp: T = {T} exceeds dwpe's {dwpe.shape[0]} positions")
-    _check_sizes(dtype, C)
+    B, T, C, dtype = _check_args(inp, ("dout", dout), ("dwte", dwte), ("dwpe", dwpe))
     block_size = K.check_block_size(block_size)
     if not 1 <= wte_warps <= WTE_MAX_WARPS:
         raise ValueError(f"wte_warps must be in [1, {WTE_MAX_WARPS}], got {wte_warps}")
