@@ -298,8 +298,9 @@ class GPT:
 
     def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0):
         """One training micro-step: forward(inp) then backward (the GPU engine replays it as a graph)."""
-        self.forward(self.xp.asarray(inp))
-        self.backward(self.xp.asarray(inp), self.xp.asarray(targets), dloss, seed=seed)
+        inp = self.xp.asarray(inp)
+        self.forward(inp)
+        self.backward(inp, self.xp.asarray(targets), dloss, seed=seed)
 
     # ---- optimizer -------------------------------------------------------------------------------
     def grad_norm(self) -> float:

@@ -240,12 +240,11 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    if device == "cpu":
-        log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
     if device == "cuda":
         from llmpy.gpu.engine import train_setup   # imports cupy; only here
         ops, make_model = train_setup(cfg, log=log)
     else:
+        log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
         import llmpy.cpu as ops
         if cfg.dtype == "bf16":
             raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
@@ -254,8 +253,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             return GPT(gpt_cfg, ops, params=params)
 
     # data: the embedded corpus unless -i is given
-    train_pat, val_pat, embedded = cfg.train_data, cfg.val_data, not cfg.train_data
-    if embedded:
+    train_pat, val_pat = cfg.train_data, cfg.val_data
+    if not train_pat:
         from llmpy.corpus import prepare_default
         train_pat, default_val = prepare_default(log=log)
         val_pat = val_pat or default_val
@@ -302,18 +301,17 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
 
     # training state; -y 1 restores it from the state file
     rng = XorShiftStar(13371337)
+    rng_state_last_update = rng.state
     start_step = 0
     if resume_step is not None:
         state = checkpoint.load_state(checkpoint.state_path(cfg.output_dir, resume_step),
                                       num_parameters=model.num_parameters)
         model.load_optimizer_state(state)
-        rng.state = state["rng_state"]
-        if state.get("loader_state") is not None:
-            train_loader.load_state_dict(state["loader_state"])
+        rng.state, rng_state_last_update = state["rng_state"], state["rng_state_last_update"]
+        train_loader.load_state_dict(state["loader_state"])
         start_step = state["step"]
-    rng_state_last_update = rng.state
     runlog = RunLog(cfg.output_dir, append=bool(cfg.resume))
-    tokenizer = _tokenizer(log)
+    tokenizer = _tokenizer(log) if cfg.sample_every > 0 else None
     loss_z, norm_z = OutlierDetector(), OutlierDetector()
     losses, val_losses, times = [], {}, []
     tok_per_s_ema = 0.0
@@ -425,10 +423,8 @@ def _print_sample(model, tokenizer, cfg: TrainConfig, log):
     from llmpy.sample import generate
     eot = model.config.vocab_size - 1 if tokenizer is None else tokenizer.eot_token
     log("generating:\n---")
-    out = []
 
     def show(tok):
-        out.append(tok)
         piece = tokenizer.decode([tok]) if tokenizer is not None else f"{tok} "
         print(piece, end="", flush=True)
 
