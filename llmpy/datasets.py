@@ -179,22 +179,13 @@ def shakespeare_from_registry(cache_dir: str) -> str:
 # -------------------------------------------------------------------------------------------------
 # Tokenization and shards
 
-_ENCODING = None   # per process: multiprocessing workers build their own on first use
-
-
 def tokenize_document(doc) -> np.ndarray:
     """uint16 tokens of one document: EOT, then GPT-2 `encode_ordinary(text)`. doc: str, or a dict
-    with a "text" field (a Hugging Face datasets row)."""
-    global _ENCODING
-    if _ENCODING is None:
-        from llmpy.tokenizer import gpt2_encoding
-        _ENCODING = gpt2_encoding()
-    text = doc["text"] if isinstance(doc, dict) else doc
-    ids = _ENCODING.encode_ordinary(text)
-    tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-    tokens[0] = _ENCODING.eot_token
-    tokens[1:] = ids
-    return tokens
+    with a "text" field (a Hugging Face datasets row). Picklable for multiprocessing pools; each
+    worker builds the encoding once (gpt2_encoding is cached per process)."""
+    from llmpy.corpus import tokenize_documents
+    from llmpy.tokenizer import gpt2_encoding
+    return tokenize_documents([doc["text"] if isinstance(doc, dict) else doc], gpt2_encoding())
 
 
 def write_shard_parts(path: str, parts) -> int:

@@ -2,6 +2,7 @@
 offsets, shuffling rules), on synthetic shards of consecutive integers like llm.c's dataloader test;
 plus the default corpus (llmpy.corpus), offline."""
 import os
+import urllib.request
 
 import numpy as np
 import pytest
@@ -261,7 +262,7 @@ def test_prepare_default_uses_cached_tinyshakespeare(tmp_path):
 def test_prepare_default_download_failure_falls_back(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("network is off in tests")
-    monkeypatch.setattr(corpus.urllib.request, "urlopen", boom)
+    monkeypatch.setattr(urllib.request, "urlopen", boom)
     logs = []
     corpus.prepare_default(str(tmp_path / "d"), log=logs.append, registry=False)
     assert any("download failed" in line for line in logs) and "pydoc_data" in logs[-1]
