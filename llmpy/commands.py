@@ -18,20 +18,14 @@ def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
     """A GPT for an llm.c model file on 'auto' | 'cpu' | 'cuda'; call .close() when done. On the GPU
     the engine is planned for (batch_size, seq_len), without master weights or a CUDA graph."""
     from llmpy.checkpoint import load_model
-    from llmpy.model import GPT
-    from llmpy.train import TrainConfig, resolve_device
+    from llmpy.train import TrainConfig, model_factory, resolve_device
     device = resolve_device(device)
     cfg, params = load_model(path)
     log(f"model: {path} (L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
         f"V={cfg.vocab_size}), device: {device}")
-    if device == "cuda":
-        from llmpy.gpu.engine import train_setup   # imports cupy: only here
-        tcfg = TrainConfig(device="cuda", batch_size=batch_size, seq_len=min(seq_len, cfg.max_seq_len),
-                           master_weights=0, cuda_graph=0)
-        _, make_model = train_setup(tcfg, log=log)
-        return make_model(cfg, params)
-    import llmpy.cpu as ops
-    return GPT(cfg, ops, params=params)
+    tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.max_seq_len),
+                       master_weights=0, cuda_graph=0)
+    return model_factory(tcfg, device, log=log)(cfg, params)
 
 
 def _info(msg: str):

@@ -195,6 +195,18 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
+def model_factory(cfg: TrainConfig, device: str, *, log=print):
+    """make_model(gpt_config, host_float32_params) -> GPT on `device` ('cpu' or 'cuda'): the NumPy model,
+    or the GPU engine set up from cfg (precision, graph, batch shape)."""
+    if device == "cuda":
+        from llmpy.gpu.engine import train_setup   # imports cupy; only here
+        return train_setup(cfg, log=log)[1]
+    if cfg.dtype == "bf16":
+        raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
+    import llmpy.cpu as ops
+    return lambda gpt_cfg, params: GPT(gpt_cfg, ops, params=params)
+
+
 def build_model(model_spec: str, make_model, seq_len: int) -> GPT:
     """A GPT from a .bin checkpoint (v3 fp32 or v5 bf16) or a descriptor with llm.c's random init;
     make_model(gpt_config, host_float32_params) builds it on the chosen backend."""
@@ -240,17 +252,9 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    if device == "cuda":
-        from llmpy.gpu.engine import train_setup   # imports cupy; only here
-        ops, make_model = train_setup(cfg, log=log)
-    else:
+    if device == "cpu":
         log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
-        import llmpy.cpu as ops
-        if cfg.dtype == "bf16":
-            raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
-
-        def make_model(gpt_cfg, params):
-            return GPT(gpt_cfg, ops, params=params)
+    make_model = model_factory(cfg, device, log=log)
 
     # data: the embedded corpus unless -i is given
     train_pat, val_pat = cfg.train_data, cfg.val_data
