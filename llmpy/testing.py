@@ -69,11 +69,17 @@ def gpu_available() -> bool:
         return False
 
 
+def gpu_marks() -> list:
+    """The marks of a GPU-only test or parameter: `gpu`, and a skip unless a GPU is available."""
+    import pytest
+    return [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")]
+
+
 def requires_gpu(test):
     """Decorator for a test function or class: mark it `gpu` and skip it unless a GPU is available."""
-    import pytest
-    skip = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
-    return pytest.mark.gpu(skip(test))
+    for mark in gpu_marks():
+        test = mark(test)
+    return test
 
 
 def bf16_round(x):
@@ -103,3 +109,27 @@ def error_budget(kernel, exact, lowp, k=2.0, floor=1e-6, name=""):
         raise AssertionError(f"{label}max error {err:.6g} exceeds budget {budget:.6g} "
                              f"(k={k:g} x low-precision error + floor {floor:g})")
     return err
+
+
+def ulp_budget(kernel, exact, mantissa_bits: int, ulps: float = 1.0, floor: float = 0.0, name=""):
+    """Assert |kernel - exact| <= ulps * spacing + floor element by element, where spacing is the gap
+    between neighbouring values of a float format with `mantissa_bits` explicit mantissa bits (7 for
+    bf16, 23 for float32) at max(|kernel|, |exact|).
+
+    For stochastically rounded results: each lands on one of the two neighbours of the fp32 value,
+    so it is within one spacing of it wherever it is, which a max-over-the-tensor budget cannot
+    express (a 1-ulp move of the largest element can exceed every round-to-nearest error elsewhere).
+    Returns the largest error in spacings.
+    """
+    k, e = np.asarray(kernel, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    m = np.maximum(np.abs(k), np.abs(e))
+    spacing = np.exp2(np.floor(np.log2(np.where(m > 0, m, 1.0))) - mantissa_bits)
+    spacing = np.where(m > 0, spacing, 0.0)
+    err = np.abs(k - e)
+    bad = err > ulps * spacing + floor
+    if bad.any():
+        i = int(np.argmax(bad))
+        label = f"{name}: " if name else ""
+        raise AssertionError(f"{label}{int(bad.sum())} elements off by more than {ulps:g} ulp + {floor:g}; "
+                             f"first at flat index {i}: kernel {k.flat[i]:.9g}, exact {e.flat[i]:.9g}")
+    return float(np.max(err / np.where(spacing > 0, spacing, np.inf), initial=0.0))

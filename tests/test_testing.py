@@ -40,3 +40,15 @@ def test_error_budget():
     assert error_budget(np.array([0.0, 0.0, 1.5e-3]), exact, lowp) == pytest.approx(1.5e-3)
     with pytest.raises(AssertionError, match="budget"):
         error_budget(np.array([0.0, 0.0, 3e-3]), exact, lowp)
+
+
+def test_ulp_budget_is_per_element():
+    from llmpy.testing import ulp_budget
+    exact = np.array([1.5, 0.01, 0.0])
+    # 1 bf16 ulp at 1.5 is 2^-7; at 0.01 it is 2^-14
+    assert ulp_budget(exact + [2.0**-7, -2.0**-14, 0.0], exact, mantissa_bits=7) == pytest.approx(1.0)
+    with pytest.raises(AssertionError, match="1 elements off"):
+        ulp_budget(exact + [0.0, 2.0**-13, 0.0], exact, mantissa_bits=7)     # 2 ulps at 0.01
+    with pytest.raises(AssertionError, match="index 2"):
+        ulp_budget(exact + [0.0, 0.0, 1e-9], exact, mantissa_bits=7)
+    assert ulp_budget(exact + [0.0, 0.0, 1e-9], exact, mantissa_bits=7, floor=1e-8) >= 0

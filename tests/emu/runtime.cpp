@@ -1,0 +1,300 @@
+// The emulator's scheduler and its C interface (ctypes, tests/cuda_emu.py). See emu.h.
+//
+// A launch runs the blocks of the grid one after another. Within a block every CUDA thread is a
+// fiber with its own stack; fibers run in thread order until they finish or reach a barrier
+// (__syncthreads, or a shuffle, which is a barrier of its warp). When no fiber can run, the
+// scheduler releases a warp whose live lanes all wait at a shuffle, or else the block if all of its
+// live threads wait at the same __syncthreads; otherwise the launch fails with a message (on a GPU
+// it would hang or silently misbehave).
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <map>
+
+#include "emu.h"
+
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+namespace {
+
+enum class State { Ready, AtSync, AtShuffle, Done };
+
+struct Fiber {
+    ucontext_t ctx;
+    State state;
+    dim3 tid;
+    int lane, warp;
+    uint64_t shuffle_value;
+    int shuffle_src;
+    unsigned int shuffle_mask;
+    const char* sync_file;
+    int sync_line;
+};
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+std::map<std::string, Kernel>& registry() {
+    static std::map<std::string, Kernel> r;
+    return r;
+}
+
+std::vector<Fiber> fibers;
+std::vector<char*> stacks;
+ucontext_t scheduler;
+int current = -1;
+const Kernel* running = nullptr;
+void** running_args = nullptr;
+std::string failure;                 // set by a fiber that found an error; the launch stops
+sigjmp_buf segv_jump;
+volatile void* segv_address = nullptr;
+
+void fiber_main() {
+    running->invoke(running->fn, running_args);
+    fibers[current].state = State::Done;
+    // returning resumes `scheduler` through uc_link
+}
+
+void yield_to_scheduler() { swapcontext(&fibers[current].ctx, &scheduler); }
+
+void fail(const std::string& message) {
+    if (failure.empty()) failure = message;
+    yield_to_scheduler();            // never resumed: the scheduler abandons the launch
+}
+
+void ensure_stacks(size_t n) {
+    while (stacks.size() < n) {
+        void* p = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        stacks.push_back(static_cast<char*>(p));
+    }
+}
+
+std::string where(const Fiber& f) {
+    char buf[128];
+    snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z,
+             f.tid.x, f.tid.y, f.tid.z);
+    return buf;
+}
+
+// Runs one block to completion; returns false (with `failure` set) on an error.
+bool run_block() {
+    const int n = int(blockDim.x * blockDim.y * blockDim.z);
+    fibers.assign(n, Fiber{});
+    for (int i = 0; i < n; i++) {
+        Fiber& f = fibers[i];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks[i];
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.state = State::Ready;
+        f.tid = dim3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
+                     unsigned(i / (blockDim.x * blockDim.y))};
+        f.lane = i % 32;
+        f.warp = i / 32;
+    }
+    const int num_warps = (n + 31) / 32;
+    for (;;) {
+        for (int i = 0; i < n; i++) {
+            if (fibers[i].state != State::Ready) continue;
+            current = i;
+            threadIdx = fibers[i].tid;
+            swapcontext(&scheduler, &fibers[i].ctx);
+            if (!failure.empty()) return false;
+        }
+        bool released = false, all_done = true;
+        for (int w = 0; w < num_warps; w++) {
+            int live = 0, waiting = 0;
+            const int lanes = std::min(32, n - 32 * w);
+            for (int l = 0; l < lanes; l++) {
+                const Fiber& f = fibers[32 * w + l];
+                live += f.state != State::Done;
+                waiting += f.state == State::AtShuffle;
+            }
+            if (live) all_done = false;
+            if (!live || waiting != live) continue;
+            for (int l = 0; l < lanes; l++) {
+                Fiber& f = fibers[32 * w + l];
+                if (f.state == State::Done) continue;
+                for (int k = 0; k < lanes; k++) {   // every lane the mask names must take part
+                    if ((f.shuffle_mask >> k & 1u) && fibers[32 * w + k].state == State::Done) {
+                        failure = "shuffle with mask " + std::to_string(f.shuffle_mask) + " at " + where(f) +
+                                  " after lane " + std::to_string(k) + " of its warp exited";
+                        return false;
+                    }
+                }
+            }
+            uint64_t values[32];
+            for (int l = 0; l < lanes; l++) values[l] = fibers[32 * w + l].shuffle_value;
+            for (int l = 0; l < lanes; l++) {
+                Fiber& f = fibers[32 * w + l];
+                if (f.state == State::Done) continue;
+                if (f.shuffle_src < 0 || f.shuffle_src >= lanes) {
+                    failure = "shuffle from lane " + std::to_string(f.shuffle_src) + " outside the warp at " + where(f);
+                    return false;
+                }
+                f.shuffle_value = values[f.shuffle_src];
+                f.state = State::Ready;
+            }
+            released = true;
+        }
+        if (all_done) return true;
+        if (released) continue;
+        int live = 0, at_sync = 0;
+        for (const Fiber& f : fibers) {
+            live += f.state != State::Done;
+            at_sync += f.state == State::AtSync;
+        }
+        if (at_sync == live) {
+            const Fiber* first = nullptr;
+            for (const Fiber& f : fibers) {
+                if (f.state != State::AtSync) continue;
+                if (!first) {
+                    first = &f;
+                } else if (f.sync_line != first->sync_line || strcmp(f.sync_file, first->sync_file) != 0) {
+                    failure = "divergent __syncthreads: " + where(*first) + " waits at " + first->sync_file + ":" +
+                              std::to_string(first->sync_line) + " and " + where(f) + " at " + f.sync_file + ":" +
+                              std::to_string(f.sync_line);
+                    return false;
+                }
+            }
+            for (Fiber& f : fibers)
+                if (f.state == State::AtSync) f.state = State::Ready;
+            continue;
+        }
+        for (const Fiber& f : fibers) {
+            if (f.state == State::AtShuffle) {
+                failure = "deadlock: " + where(f) + " waits at a shuffle while other threads of its warp "
+                          "wait at __syncthreads (divergent barrier)";
+                return false;
+            }
+        }
+        failure = "deadlock: threads wait at different barriers";
+        return false;
+    }
+}
+
+void on_segv(int, siginfo_t* info, void*) {
+    segv_address = info->si_addr;
+    siglongjmp(segv_jump, 1);
+}
+
+}  // namespace
+
+void syncthreads(const char* file, int line) {
+    fibers[current].sync_file = file;
+    fibers[current].sync_line = line;
+    fibers[current].state = State::AtSync;
+    yield_to_scheduler();
+}
+
+uint64_t shuffle(unsigned int mask, uint64_t value, int src_lane) {
+    Fiber& f = fibers[current];
+    if (!(mask >> f.lane & 1u)) fail("shuffle by a lane that is not in its own mask at " + where(f));
+    f.shuffle_mask = mask;
+    f.shuffle_value = value;
+    f.shuffle_src = src_lane;
+    f.state = State::AtShuffle;
+    yield_to_scheduler();
+    return fibers[current].shuffle_value;
+}
+
+int lane_id() { return fibers[current].lane; }
+
+void register_kernel(Kernel k) { registry()[k.name] = k; }
+
+}  // namespace emu
+
+// ---- C interface ---------------------------------------------------------------------------------
+extern "C" {
+
+int emu_num_kernels() { return int(emu::registry().size()); }
+
+// name and parameter codes of kernel i (in name order): "Pf" = pointer to float, "i4" = 4-byte int
+int emu_kernel_info(int i, char* name, int name_len, char* params, int params_len) {
+    auto it = emu::registry().begin();
+    std::advance(it, i);
+    std::string p;
+    for (const emu::Param& q : it->second.params) {
+        if (p.size()) p += ',';
+        p += q.pointer ? std::string("P") + q.type : std::string(1, q.type) + std::to_string(q.size);
+    }
+    snprintf(name, name_len, "%s", it->first.c_str());
+    snprintf(params, params_len, "%s", p.c_str());
+    return 0;
+}
+
+// Launch `name` over grid x block; args[i] points at the i-th argument's value, exactly as for
+// cuLaunchKernel. Returns 0, or 1 with a message in `error`; 2 if it touched a guard page
+// (*fault_address says where).
+int emu_launch(const char* name, const unsigned int* grid, const unsigned int* block, size_t shared_mem,
+               void** args, int nargs, char* error, int error_len, void** fault_address) {
+    using namespace emu;
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+        snprintf(error, error_len, "no kernel %s in the emulator", name);
+        return 1;
+    }
+    const Kernel& k = it->second;
+    if (nargs != int(k.params.size())) {
+        snprintf(error, error_len, "%s takes %d arguments, got %d", name, int(k.params.size()), nargs);
+        return 1;
+    }
+    const size_t threads = size_t(block[0]) * block[1] * block[2];
+    if (threads == 0 || threads > 1024 || block[2] > 64 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0 ||
+        grid[1] > 65535 || grid[2] > 65535) {
+        snprintf(error, error_len, "%s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", name,
+                 grid[0], grid[1], grid[2], block[0], block[1], block[2]);
+        return 1;
+    }
+    if (shared_mem > MAX_DYNAMIC_SHARED_BYTES) {
+        snprintf(error, error_len, "%s: %zu bytes of dynamic shared memory exceed the %zu a block may have",
+                 name, shared_mem, MAX_DYNAMIC_SHARED_BYTES);
+        return 1;
+    }
+    if (shared_mem && !k.dynamic_shared) {
+        snprintf(error, error_len, "%s: dynamic shared memory passed to a kernel that declares none", name);
+        return 1;
+    }
+    ensure_stacks(threads);
+    running = &k;
+    running_args = args;
+    failure.clear();
+    blockDim = dim3{block[0], block[1], block[2]};
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+
+    struct sigaction action = {}, old_segv = {}, old_bus = {};
+    action.sa_sigaction = on_segv;
+    action.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &old_segv);
+    sigaction(SIGBUS, &action, &old_bus);
+    int rc = 0;
+    if (sigsetjmp(segv_jump, 1) == 0) {
+        for (unsigned z = 0; z < grid[2] && !rc; z++)
+            for (unsigned y = 0; y < grid[1] && !rc; y++)
+                for (unsigned x = 0; x < grid[0] && !rc; x++) {
+                    blockIdx = dim3{x, y, z};
+                    if (k.dynamic_shared) {          // fresh blocks see garbage, not zeros: NaN bytes
+                        memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
+                    }
+                    if (!run_block()) rc = 1;
+                }
+    } else {
+        *fault_address = const_cast<void*>(segv_address);
+        snprintf(error, error_len, "%s: invalid memory access at %p in block (%u,%u,%u) thread (%u,%u,%u)", name,
+                 *fault_address, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+        rc = 2;
+    }
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    if (rc == 1) snprintf(error, error_len, "%s: %s", name, failure.c_str());
+    running = nullptr;
+    return rc;
+}
+
+}  // extern "C"

@@ -1,0 +1,84 @@
+"""The kernel emulator (tests/cuda_emu.py, tests/emu/) is itself right: it runs every instantiation
+the launchers can ask for, computes block reductions correctly, and reports the mistakes it exists
+to catch (bad arguments, out-of-bounds accesses, divergent barriers, uninitialised reads) instead of
+running through them. The kernels' own results are checked in tests/test_gpu_ops.py."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from llmpy.gpu import _kernels as K
+
+cuda_emu = pytest.importorskip("cuda_emu", reason="needs CuPy importable")
+EmulatorError = cuda_emu.EmulatorError
+F32 = np.dtype(np.float32)
+
+
+def test_every_name_expression_is_registered(emulator):
+    listed = {e for exprs in K.NAME_EXPRESSIONS.values() for e in exprs}
+    selftest = set(cuda_emu.SELFTEST["selftest.cu"])
+    assert set(emulator.kernels) == listed | selftest
+
+
+def test_block_sum_matches_numpy(emulator, rng):
+    for threads in (32, 96, 1024):
+        x = rng.standard_normal((3, threads)).astype(np.float32)
+        out = emulator.empty((3,))
+        emulator.run("block_sum_kernel", (3,), (threads,), (out, emulator.to_device(x)))
+        np.testing.assert_allclose(emulator.to_host(out), x.sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_arguments_are_checked_against_the_kernel(emulator):
+    out = emulator.empty((8,))
+    emulator.run("fill_kernel", (1,), (32,), (out, np.int32(8)))
+    assert np.all(emulator.to_host(out) == 1.0)
+    with pytest.raises(EmulatorError, match=r"argument 1: the kernel takes int \(4 bytes\), got Python int"):
+        emulator.run("fill_kernel", (1,), (32,), (out, 8))
+    with pytest.raises(EmulatorError, match=r"argument 1: the kernel takes int \(4 bytes\), got int64"):
+        emulator.run("fill_kernel", (1,), (32,), (out, np.int64(8)))
+    with pytest.raises(EmulatorError, match=r"argument 0: the kernel takes float\*, got a bfloat16 array"):
+        emulator.run("fill_kernel", (1,), (32,), (emulator.empty((8,), ml_dtypes.bfloat16), np.int32(8)))
+    with pytest.raises(EmulatorError, match="takes 2 arguments, the launcher passed 1"):
+        emulator.run("fill_kernel", (1,), (32,), (out,))
+    with pytest.raises(EmulatorError, match="invalid launch configuration"):
+        emulator.run("fill_kernel", (1,), (2048,), (out, np.int32(8)))
+
+
+def test_out_of_bounds_accesses_are_reported(emulator):
+    out = emulator.empty((3,), label="out")          # 12 bytes: 4 bytes of padding before the guard page
+    with pytest.raises(EmulatorError, match="wrote outside out"):
+        emulator.run("fill_kernel", (1,), (32,), (out, np.int32(4)))
+    big = emulator.empty((1000,), label="big")
+    with pytest.raises(EmulatorError, match="invalid memory access .* bytes past the end of big"):
+        emulator.run("fill_kernel", (1,), (32,), (big, np.int32(5000)))
+    src = emulator.to_device(np.ones(1024, np.float32), label="src")
+    with pytest.raises(EmulatorError, match="bytes past the end of src"):
+        emulator.run("sum_kernel", (1,), (32,), (out[:1], src, np.int32(1100)))
+
+
+def test_barrier_mistakes_are_reported(emulator):
+    out = emulator.empty((64,))
+    with pytest.raises(EmulatorError, match=r"divergent __syncthreads: .*selftest.cu:\d+ and .*selftest.cu:\d+"):
+        emulator.run("divergent_sync_kernel", (1,), (64,), (out,))
+    with pytest.raises(EmulatorError, match="deadlock: .* waits at a shuffle while other threads"):
+        emulator.run("half_warp_shuffle_kernel", (1,), (64,), (out,))
+    with pytest.raises(EmulatorError, match="after lane 5 of its warp exited"):
+        emulator.run("shuffle_after_exit_kernel", (1,), (32,), (out,))
+
+
+def test_fresh_memory_reads_as_nan(emulator):
+    assert np.all(np.isnan(emulator.to_host(emulator.empty((5,)))))
+    assert np.all(np.isnan(emulator.to_host(emulator.empty((5,), ml_dtypes.bfloat16)).astype(np.float32)))
+    out = emulator.zeros((32,))
+    emulator.run("uninitialized_shared_kernel", (1,), (32,), (out,), shared_mem=128)
+    assert np.all(np.isnan(emulator.to_host(out)))
+    with pytest.raises(EmulatorError, match="exceed"):
+        emulator.run("uninitialized_shared_kernel", (1,), (32,), (out,), shared_mem=300 * 1024)
+
+
+def test_launchers_are_routed_to_the_emulator(emulator):
+    from llmpy.gpu import gelu
+    x = emulator.to_device(np.linspace(-3, 3, 37, dtype=np.float32))
+    y = emulator.empty((37,))
+    gelu.gelu_forward(y, x)
+    assert emulator.launches == ["gelu_forward_kernel<float>"]
+    assert not np.any(np.isnan(y.get()))
