@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from llmpy.testing import gpu_marks
+
 
 @pytest.fixture
 def rng():
@@ -34,3 +36,12 @@ def emulator(emulator_library, monkeypatch):
     emu = cuda_emu.Emulator(emulator_library)
     with emu.installed(monkeypatch):
         yield emu
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=gpu_marks()), "emulator"])
+def backend(request):
+    """Where llmpy.gpu runs: "cuda", a real GPU (marker gpu; skipped without one), or "emulator",
+    the CPU emulator above (any machine with g++ and CuPy importable). Returns the name."""
+    if request.param == "emulator":
+        request.getfixturevalue("emulator")
+    return request.param

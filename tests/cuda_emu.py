@@ -2,7 +2,7 @@
 without a GPU (CI). The C++ side is tests/emu/ (emu.h says how a .cu becomes CPU code).
 
     emu = Emulator.build(tmp_dir)          # g++: one translation unit per cuda/*.cu, unchanged
-    with emu.installed(monkeypatch):       # K.launch, cupy.empty/zeros/asarray/copyto -> emulator
+    with emu.installed(monkeypatch):       # K.launch, cupy allocations, cuBLASLt -> emulator
         x = emu.to_device(np_array)        # a cupy.ndarray whose "device" pointer is host memory
         llmpy.gpu.gelu_forward(y, x)       # launcher -> emu.launch -> emu_launch (C++) -> kernel
         emu.to_host(y)                     # a NumPy view of the result
@@ -17,7 +17,12 @@ What it checks beyond the arithmetic:
 - uninitialised memory: cupy.empty and dynamic shared memory come back filled with 0xff bytes (NaN
   in float32 and bf16), so a kernel that reads what nobody wrote produces NaNs;
 - barriers: a divergent __syncthreads or a shuffle after lanes exited stops the launch with a message.
-Not modelled: concurrency between blocks, fast-math approximations, performance.
+Matmuls run through EmulatedCublasLt: matmul.py's real plans (column-major layouts, leading
+dimensions, batch strides, bias/GELU epilogues) executed by NumPy, with every operand bounds-checked.
+With the engine's few device calls stubbed too (arena pool, synchronize, device name), the whole
+GPUGPT training step runs (tests/test_gpu_engine.py), except CUDA-graph capture.
+Not modelled: concurrency between blocks, fast-math approximations, cuBLASLt's own descriptors and
+algorithms (tests/test_cublaslt.py), CUDA graphs, performance.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from llmpy.gpu import _kernels as K
+from llmpy.gpu import cublaslt
 
 EMU_DIR = pathlib.Path(__file__).resolve().parent / "emu"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -52,6 +58,7 @@ _VALUE = {("f", 4): np.dtype(np.float32), ("i", 4): np.dtype(np.int32), ("u", 4)
 _C_NAMES = {"f": "float", "b": "__nv_bfloat16", "i": "int", "u": "unsigned int", "q": "int64",
             "Q": "uint64", "v": "void"}
 
+_NDARRAY = cp.ndarray        # the real class: installed() replaces cupy.ndarray by Emulator.Array
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
@@ -185,15 +192,27 @@ class Emulator:
         self.launches: list[str] = []
         emu = self
 
-        class Array(cp.ndarray):
-            """cupy.ndarray over emulator memory; get() and set() copy through the host view."""
+        class Array(_NDARRAY):
+            """cupy.ndarray over emulator memory. The methods llmpy calls that would launch CuPy's own
+            kernels or copies (get, set, fill, sum, copy) work on the host view instead."""
             def get(self, stream=None, order="C", out=None, blocking=True):
                 return emu.to_host(self).copy()
 
             def set(self, arr, stream=None):
                 emu.to_host(self)[...] = np.asarray(arr).reshape(self.shape)
 
+            def fill(self, value):
+                emu.to_host(self)[...] = value
+
+            def sum(self, axis=None, dtype=None, out=None, keepdims=False):
+                return emu.to_host(self).sum(axis=axis, dtype=dtype, keepdims=keepdims)
+
+            def copy(self, order="C"):
+                return emu.to_device(emu.to_host(self))
+
         self.Array = Array
+        self.pool = _Pool(self)
+        self.handle = None            # the default cuBLASLt handle, an EmulatedCublasLt
 
     @classmethod
     def build(cls, out_dir) -> Emulator:
@@ -237,7 +256,7 @@ class Emulator:
                 return a
         return None
 
-    def to_host(self, dev: cp.ndarray) -> np.ndarray:
+    def to_host(self, dev) -> np.ndarray:
         """A writable NumPy view of an emulator array (any C-contiguous view of one)."""
         if not dev.flags.c_contiguous:
             raise ValueError("to_host needs a C-contiguous array")
@@ -270,7 +289,7 @@ class Emulator:
             if pointer:
                 if a is None:
                     value = ctypes.c_void_p(None)
-                elif isinstance(a, cp.ndarray):
+                elif isinstance(a, _NDARRAY):
                     want = _POINTEE.get(code)
                     if want is not None and a.dtype != want:
                         raise EmulatorError(f"{where}: the kernel takes {_C_NAMES[code]}*, got a {a.dtype} array")
@@ -320,32 +339,56 @@ class Emulator:
     # ---- CuPy and matmul stand-ins ----
 
     def _asarray(self, a, dtype=None):
-        if isinstance(a, cp.ndarray) and (dtype is None or a.dtype == np.dtype(dtype)):
+        if isinstance(a, _NDARRAY) and (dtype is None or a.dtype == np.dtype(dtype)):
             return a
-        return self.to_device(self.to_host(a) if isinstance(a, cp.ndarray) else a, dtype)
+        return self.to_device(self.to_host(a) if isinstance(a, _NDARRAY) else a, dtype)
 
-    def _copyto(self, dst, src):
-        self.to_host(dst)[...] = self.to_host(src)
+    def _copyto(self, dst, src, casting="same_kind"):
+        self.to_host(dst)[...] = self.to_host(src) if isinstance(src, _NDARRAY) else src
 
-    def batched_matmul(self, out, a, b, *, transa: bool, transb: bool, alpha: float = 1.0, beta: float = 0.0,
-                       handle=None):
-        """NumPy stand-in for llmpy.gpu.matmul.batched_matmul (cuBLASLt): fp32 products, rounded once
-        into out's dtype, as cuBLASLt does with fp32 accumulation."""
-        ha, hb, ho = (self.to_host(x).astype(np.float32) for x in (a, b, out))
-        if transa:
-            ha = np.swapaxes(ha, -1, -2)
-        if transb:
-            hb = np.swapaxes(hb, -1, -2)
-        res = np.float32(alpha) * np.matmul(ha, hb)
-        if beta:
-            res += np.float32(beta) * ho
-        self.to_host(out)[...] = res.astype(out.dtype)
+    def _default_handle(self):
+        if self.handle is None:
+            self.handle = EmulatedCublasLt(self)
+        return self.handle
+
+    def _set_default_handle(self, handle) -> None:
+        self.handle = handle
+
+    def _view(self, ptr: int, dtype, shape: tuple, strides: tuple, what: str) -> np.ndarray:
+        """A NumPy view of emulator memory at device pointer `ptr` (strides in elements), refusing
+        any element outside the allocation (a cuBLASLt operand running off its array)."""
+        alloc = self._find(ptr)
+        if alloc is None:
+            raise EmulatorError(f"{what}: pointer 0x{ptr:x} is not emulator memory")
+        dtype = np.dtype(dtype)
+        last = ptr + sum((n - 1) * st for n, st in zip(shape, strides)) * dtype.itemsize
+        if min(shape) > 0 and last + dtype.itemsize > alloc.start + alloc.nbytes:
+            raise EmulatorError(f"{what}: {shape} elements with strides {strides} run "
+                                f"{last + dtype.itemsize - alloc.start - alloc.nbytes} bytes past the end of {alloc.label}")
+        return np.ndarray(shape, dtype, buffer=alloc.mm, offset=ptr - alloc.base,
+                          strides=tuple(st * dtype.itemsize for st in strides))
 
     @contextlib.contextmanager
     def installed(self, monkeypatch):
-        """Route llmpy.gpu's launches, allocations and batched matmuls through the emulator."""
+        """Route llmpy.gpu's launches, allocations and batched matmuls through the emulator, and
+        the engine's device calls (arena pool, cuBLASLt handle, synchronize, device name)."""
+        import llmpy.gpu.arena
+        import llmpy.gpu.engine
         import llmpy.gpu.matmul
         monkeypatch.setattr(K, "launch", self.launch)
+        monkeypatch.setattr(cp, "ndarray", self.Array)
+        monkeypatch.setattr(cp, "ascontiguousarray", self._asarray)
+        monkeypatch.setattr(cp, "get_default_memory_pool", lambda: self.pool)
+        monkeypatch.setattr(llmpy.gpu.arena.Arena, "zero_all", lambda arena: arena._memory is not None and
+                            ctypes.memset(arena._memory.ptr, 0, arena.layout.nbytes))
+        monkeypatch.setattr(llmpy.gpu.arena.Arena, "zero", lambda arena, name: ctypes.memset(
+            arena[name].data.ptr, 0, arena[name].nbytes))
+        monkeypatch.setattr(cublaslt, "CublasLt", lambda workspace=None, *, tf32=False: EmulatedCublasLt(self, tf32))
+        for module in (cublaslt, llmpy.gpu.matmul):     # matmul.py imported these by name
+            monkeypatch.setattr(module, "default_handle", self._default_handle)
+            monkeypatch.setattr(module, "set_default_handle", self._set_default_handle)
+        monkeypatch.setattr(llmpy.gpu.engine, "device_description", lambda: ("CPU emulator", "sm_90"))
+        monkeypatch.setattr(llmpy.gpu.engine.GPUGPT, "synchronize", lambda model: None)
         monkeypatch.setattr(cp, "empty", lambda shape, dtype=np.float32, order="C": self.empty(shape, dtype))
         monkeypatch.setattr(cp, "zeros", lambda shape, dtype=np.float32, order="C": self.zeros(shape, dtype))
         monkeypatch.setattr(cp, "zeros_like", lambda a, dtype=None: self.zeros(a.shape, dtype or a.dtype))
@@ -353,5 +396,84 @@ class Emulator:
             np.full(shape, value, dtype=dtype)))
         monkeypatch.setattr(cp, "asarray", self._asarray)
         monkeypatch.setattr(cp, "copyto", self._copyto)
-        monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul", self.batched_matmul)
         yield self
+
+
+class _Pool:
+    """Stands in for CuPy's default memory pool (the engine's arena allocates from it)."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    def malloc(self, nbytes: int):
+        return self.emu.empty((nbytes,), np.uint8).data
+
+    def used_bytes(self) -> int:
+        return 0
+
+    def free_all_blocks(self) -> None:
+        pass
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x ** 3)))
+
+
+def _gelu_grad(x):
+    t = np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * np.float32(0.7978845608) * (1.0 + 3 * np.float32(0.044715) * x * x)
+
+
+class EmulatedCublasLt:
+    """Stands in for llmpy.gpu.cublaslt.CublasLt: executes each GemmPlan (column-major, device
+    pointers, leading dimensions, batch strides, epilogues) with NumPy on emulator memory, in fp32
+    with one rounding into the storage type, so matmul.py's planning is exercised for real. Every
+    operand must lie inside its array."""
+
+    _DTYPES = {cublaslt.cuda_data_type(np.float32): np.dtype(np.float32), cublaslt.cuda_data_type(BF16): BF16}
+
+    def __init__(self, emu: Emulator, tf32: bool = False):
+        self.emu, self.tf32, self.calls = emu, tf32, []
+
+    def set_workspace(self, workspace) -> None:
+        pass
+
+    def clear_cache(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _matrix(self, ptr, dtype, layout, stride, batch, what):
+        rows, cols, ld = layout                       # column-major: element (i, j) at i + j * ld
+        if ld < rows:
+            raise EmulatorError(f"{what}: leading dimension {ld} < rows {rows}")
+        view = self.emu._view(ptr, dtype, (batch, cols, rows), (stride, ld, 1), what)
+        return np.swapaxes(view, -1, -2)             # (batch, rows, cols)
+
+    def matmul(self, plan, data_type, a, b, d, *, epilogue=cublaslt.EPILOGUE_DEFAULT, bias=0, aux=0,
+               alpha=1.0, beta=0.0, stream=None):
+        dtype = self._DTYPES[data_type]
+        self.calls.append((plan, epilogue))
+        if plan.batch > 1 and 0 in (plan.stride_a, plan.stride_b, plan.stride_d):
+            raise EmulatorError(f"batched plan with a zero stride: {plan}")
+        A = self._matrix(a, dtype, plan.a_layout, plan.stride_a, plan.batch, "cuBLASLt A")
+        B = self._matrix(b, dtype, plan.b_layout, plan.stride_b, plan.batch, "cuBLASLt B")
+        D = self._matrix(d, dtype, plan.d_layout, plan.stride_d, plan.batch, "cuBLASLt D")
+        opA = np.swapaxes(A, -1, -2) if plan.transa else A
+        opB = np.swapaxes(B, -1, -2) if plan.transb else B
+        acc = np.float32(alpha) * np.matmul(opA.astype(np.float32), opB.astype(np.float32))
+        if beta:
+            acc += np.float32(beta) * D.astype(np.float32)
+        if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+            acc += self.emu._view(bias, dtype, (plan.m,), (1,), "bias").astype(np.float32)[:, None]
+        if epilogue in cublaslt.AUX_EPILOGUES:
+            AUX = self._matrix(aux, dtype, plan.d_layout, plan.stride_d, plan.batch, "GELU aux")
+            if epilogue == cublaslt.EPILOGUE_DGELU:
+                acc *= _gelu_grad(AUX.astype(np.float32))
+            else:
+                AUX[...] = acc.astype(dtype)
+                acc = _gelu(acc)
+        elif epilogue not in (cublaslt.EPILOGUE_DEFAULT, cublaslt.EPILOGUE_BIAS):
+            raise EmulatorError(f"unknown epilogue {epilogue}")
+        D[...] = acc.astype(dtype)

@@ -370,10 +370,9 @@ LLMC_BF16_THRESHOLDS = dict(zip(param_shapes(TINY), (5e-1, 4e-3, 1e-1, 4e-2, 5e-
 # GPU: one step against the reference
 
 
-@requires_gpu
 @pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), pytest.param(D12, 4, 64, marks=pytest.mark.slow)],
                          ids=["tiny", "d12"])
-def test_fp32_step_matches_cpu_reference(cfg, B, T):
+def test_fp32_step_matches_cpu_reference(backend, cfg, B, T):
     params = make_params(cfg)
     (inp, tgt), = make_batches(cfg, B, T)
     ref_logits, ref_loss, ref_grads = reference_step(cpu, cfg, params, inp, tgt)
@@ -388,10 +387,9 @@ def test_fp32_step_matches_cpu_reference(cfg, B, T):
     assert not g["wte"][cfg.vocab_size:].any(), "padded vocab rows get no gradient"
 
 
-@requires_gpu
 @pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), pytest.param(D12, 4, 64, marks=pytest.mark.slow)],
                          ids=["tiny", "d12"])
-def test_bf16_step_within_error_budget(cfg, B, T):
+def test_bf16_step_within_error_budget(backend, cfg, B, T):
     """Error budget (STYLE.md §8): max|gpu - fp32| <= 4 max|plain bf16 - fp32| + floor, per tensor; the
     fp32 and bf16-emulating references run on the same bf16-rounded weights. Plus llm.c's criterion."""
     params = bf16_round(make_params(cfg))
@@ -420,9 +418,8 @@ def test_bf16_step_within_error_budget(cfg, B, T):
 # GPU: training
 
 
-@requires_gpu
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 0.05)])   # llm.c: 1e-5 fp32 (own kernels vs
-def test_ten_steps_track_cpu_reference(dtype, tol):                        # PyTorch), 0.05 bf16
+def test_ten_steps_track_cpu_reference(backend, dtype, tol):                        # PyTorch), 0.05 bf16
     cfg, B, T = TINY, 4, 32
     params = make_params(cfg)
     params = bf16_round(params) if dtype == "bf16" else params
@@ -452,9 +449,8 @@ def test_graph_replay_matches_eager_bitwise():
     assert np.array_equal(p1, p0) and all(np.array_equal(s1[k], s0[k]) for k in ("m", "v", "master"))
 
 
-@requires_gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_resume_is_bit_exact(dtype, tmp_path):
+def test_resume_is_bit_exact(backend, dtype, tmp_path):
     """Train 6 steps with a checkpoint (llm.c's model_/state_ files) after 3; a fresh model resumed from
     it repeats steps 4-6 bit for bit. In bf16 it starts from garbage params, which init-from-master must
     overwrite with exactly the model file's values."""
@@ -462,7 +458,8 @@ def test_resume_is_bit_exact(dtype, tmp_path):
     cfg, B, T = TINY, 4, 32
     batches = make_batches(cfg, B, T, n=4)
     rng = XorShiftStar(13371337)
-    with gpu_model(cfg, B, T, make_params(cfg), dtype=dtype, cuda_graph=True) as model:
+    graph = backend == "cuda"               # the emulator cannot capture CUDA graphs
+    with gpu_model(cfg, B, T, make_params(cfg), dtype=dtype, cuda_graph=graph) as model:
         _, last = train(model, batches, 3, rng)
         state = model.optimizer_state()
         checkpoint.write_checkpoint(str(tmp_path), 3, cfg, model.params_f32(), dtype=model.checkpoint_dtype,
@@ -474,7 +471,7 @@ def test_resume_is_bit_exact(dtype, tmp_path):
     saved = checkpoint.load_state(checkpoint.state_path(str(tmp_path), 3), num_parameters=num_parameters(cfg))
     assert file_cfg == cfg and (saved["master"] is not None) == (dtype == "bf16")
     start = make_params(cfg, seed=7) if dtype == "bf16" else file_params
-    with gpu_model(cfg, B, T, start, dtype=dtype, cuda_graph=True) as model:
+    with gpu_model(cfg, B, T, start, dtype=dtype, cuda_graph=graph) as model:
         model.load_optimizer_state(saved)
         assert np.array_equal(model.params_f32(), file_params), "params after resume"
         rng = XorShiftStar(0)
@@ -551,8 +548,7 @@ def test_memory_returns_to_baseline_after_close_and_exceptions():
     assert used() == base and cublaslt.default_handle() is handle
 
 
-@requires_gpu
-def test_train_setup_prints_device_and_builds_the_engine():
+def test_train_setup_prints_device_and_builds_the_engine(backend):
     from llmpy.train import TrainConfig
     lines = []
     ops, make_model = train_setup(TrainConfig(batch_size=2, seq_len=32), log=lines.append)
@@ -561,3 +557,42 @@ def test_train_setup_prints_device_and_builds_the_engine():
         assert isinstance(model, GPUGPT) and model.checkpoint_dtype == "bf16" and model.master is not None
         assert model.graph is not None and (model.B, model.T) == (2, 32)
         assert model.mfu(64, 1.0, 32) != 0
+
+
+# -------------------------------------------------------------------------------------------------
+# The trainer on the GPU engine: `llmpy train --device cuda`, crash and resume, through the CLI
+
+
+def test_cli_training_resumes_exactly_on_the_gpu_engine(backend, tmp_path, monkeypatch, capsys):
+    """test_train.py's exact-resume scenario with --device cuda (bf16, master weights): steps 3..5
+    replayed after `-y 1` log the same losses, the step-6 model file is byte-identical, and the
+    losses follow the CPU trainer's within llm.c's bf16 tolerance."""
+    import test_train
+    from llmpy.cli import main
+    if backend == "emulator":
+        monkeypatch.setattr("llmpy.train.resolve_device", lambda requested: "cpu" if requested == "cpu" else "cuda")
+    shards = test_train.shards.__wrapped__(tmp_path)
+    model = test_train.write_tiny_model(tmp_path / "tiny.bin")
+    out = tmp_path / "run"
+    args = test_train.train_args(model, shards, out, 6, "-n", "3")
+    args[args.index("--device") + 1] = "cuda"
+    if backend == "emulator":
+        args += ["--cuda-graph", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "device: cuda" in printed and "precision: bf16" in printed
+    first = test_train.logged(out, "train")
+    assert [s for s, _ in first] == list(range(6)) and first[-1][1] < first[0][1]
+    final_model = (out / "model_00000006.bin").read_bytes()
+    (out / "DONE_00000006").unlink()
+    (out / "model_00000006.bin").unlink()
+    assert main(args + ["-y", "1"]) == 0
+    assert "model_00000003.bin" in capsys.readouterr().out
+    assert test_train.logged(out, "train")[6:] == first[3:]
+    assert (out / "model_00000006.bin").read_bytes() == final_model
+    # and the bf16 run tracks the fp32 CPU trainer on the same data (llm.c's bf16 loss tolerance)
+    cpu_args = test_train.train_args(model, shards, tmp_path / "cpu", 6)
+    assert main(cpu_args) == 0
+    assert "device: cpu" in capsys.readouterr().out
+    cpu_losses = [loss for _, loss in test_train.logged(tmp_path / "cpu", "train")]
+    np.testing.assert_allclose([loss for _, loss in first], cpu_losses, atol=0.05)

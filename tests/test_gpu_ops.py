@@ -17,7 +17,7 @@ of lowp's fp32 value before rounding (llmpy.testing.ulp_budget).
 Every test runs on two backends (the `backend` fixture): a real GPU (marker gpu, skipped without
 one; attention also needs nvmath-python for cuBLASLt), and the CPU emulator of tests/cuda_emu.py,
 which compiles the same cuda/*.cu files with g++ and drives them through the same launchers, with
-NumPy standing in for cuBLASLt's batched matmuls. The emulator runs in CI, so a kernel or launcher
+NumPy executing matmul.py's cuBLASLt plans. The emulator runs in CI, so a kernel or launcher
 bug shows up without a GPU; what only a GPU can show (fast-math, races between blocks, speed) still
 needs the gpu run.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 import llmpy.cpu
-from llmpy.testing import error_budget, gpu_marks, ulp_budget
+from llmpy.testing import error_budget, ulp_budget
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 STORAGE = {"float32": np.dtype(np.float32), "bfloat16": BF16}
@@ -263,18 +263,9 @@ def _params():
                                    id=f"{case.op}-{'-'.join(case.outputs)}-{label}-{dtype_name}")
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=gpu_marks()), "emulator"])
-def backend(request):
-    """Where the kernels run: a real GPU (marker gpu), or the CPU emulator (tests/cuda_emu.py),
-    which runs the same .cu files and launchers on any machine with g++."""
-    if request.param == "emulator":
-        return request.getfixturevalue("emulator")
-    return None
-
-
 @pytest.mark.parametrize("case,size,dtype_name", list(_params()))
 def test_gpu_matches_reference(backend, case, size, dtype_name):
-    if backend is None and case.cublaslt and importlib.util.find_spec("nvmath") is None:
+    if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
         pytest.skip("needs nvmath-python (cuBLASLt bindings)")
     check_case(case, size, dtype_name)
 

@@ -245,6 +245,9 @@ def test_wte_buckets_group_positions_by_token():
     expected = np.zeros((13, 3))
     np.add.at(expected, tokens.ravel(), dout)
     np.testing.assert_allclose(dwte, expected, atol=1e-12)
+    # the worst case (every token different) fills the workspace the engine plans exactly
+    from llmpy.gpu.encoder import workspace_size
+    assert wte_buckets(np.arange(36, dtype=np.int32).reshape(4, 9), 40)[0].size == workspace_size(4, 9)
 
 
 def test_layernorm_launchers(launches):

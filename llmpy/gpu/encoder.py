@@ -68,13 +68,20 @@ def wte_buckets(tokens: np.ndarray, vocab_rows: int) -> tuple[np.ndarray, int]:
     return buckets, len(sizes)
 
 
+def workspace_size(B: int, T: int) -> int:
+    """int32 elements of the largest bucket list wte_buckets can return for B*T tokens: nb tokens +
+    nb + 1 offsets + B*T positions, nb <= B*T distinct tokens (all different: 3*B*T + 1)."""
+    return 3 * B * T + 1
+
+
 def _upload(buckets: np.ndarray, workspace):
     """Copy the bucket list to the device: into workspace[:len] when given, else a new array."""
     if workspace is None:
         return cp.asarray(buckets)
     K.check("workspace", workspace, dtype=np.int32, ndim=1)
     if workspace.size < buckets.size:
-        raise ValueError(f"workspace: {workspace.size} elements, need {buckets.size} (2*B*T + 1)")
+        raise ValueError(f"workspace: {workspace.size} elements, need {buckets.size} "
+                         f"(workspace_size(B, T) is always enough)")
     dev = workspace[:buckets.size]
     dev.set(buckets)
     return dev
@@ -93,7 +100,7 @@ def encoder_backward(dwte, dwpe, dout, inp, *, seed=0, inp_host=None, workspace=
     dout[b, t] and dwpe[t] += sum_b dout[b, t], in fixed orders (bit-reproducible). bf16 results are
     rounded stochastically with `seed` (one uint32 per backward, llm.c's per-micro-step draw).
     inp_host: the tokens as a NumPy array, if the caller has them (else inp is copied to the host,
-    which synchronizes). workspace: int32 device array of >= 2*B*T + 1 elements for the bucket list
+    which synchronizes). workspace: int32 device array of >= workspace_size(B, T) elements for the bucket list
     (else one is allocated: pass it when capturing a CUDA graph -- though the host step itself
     cannot be captured, so this op stays outside captured regions, as in llm.c).
     """

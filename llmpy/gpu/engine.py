@@ -169,13 +169,13 @@ class _ArenaOps:
 
 def _op_scratch(config: GPTConfig, B: int, T: int, dtype) -> list:
     """(name, shape, dtype) of the scratch the ops want for a (B, T) step, sized by their own helpers."""
-    from llmpy.gpu import bias, global_norm, layernorm
+    from llmpy.gpu import bias, encoder, global_norm, layernorm
     BT, C = B * T, config.channels
     bias_need = max(bias.scratch_size(BT, oc, dtype) for oc in (3 * C, C, 4 * C))   # qkv, proj, fc
     return [("ln_scratch", (layernorm.backward_scratch_size(BT, C),), F32),
             ("bias_scratch", (max(bias_need, 1),), F32),
             ("norm_scratch", (global_norm.norm_blocks(num_parameters(config)),), F32),
-            ("encoder_buckets", (2 * BT + 1,), I32)]           # encoder_backward's documented size
+            ("encoder_buckets", (encoder.workspace_size(B, T),), I32)]
 
 
 # -------------------------------------------------------------------------------------------------

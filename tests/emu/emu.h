@@ -3,7 +3,7 @@
 // Each cuda/<op>.cu is compiled by g++ as ordinary C++, unchanged, with this header in front:
 // the CUDA keywords become C++ (or nothing), __shared__ becomes `thread_local`, and the intrinsics the
 // kernels use (shuffles, __syncthreads, bf16 conversions, cache-hinted loads and stores, fast-math
-// functions) get CPU definitions. Every CUDA thread of a block runs as a fiber (ucontext) on one OS
+// functions) get CPU definitions. Every CUDA thread of a block runs as a fiber (own stack) on one OS
 // thread; __syncthreads and the warp shuffles are barriers at which the scheduler switches fibers,
 // so blocks run one after another and a thread_local variable is exactly per-block shared memory
 // (`extern __shared__` arrays are defined by the generated registration file, tests/cuda_emu.py).

@@ -9,7 +9,6 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <cstdio>
 #include <map>
@@ -18,13 +17,44 @@
 
 dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+// switch_stack(save, load): push the callee-saved registers, store the stack pointer in *save, load
+// `load` as the stack pointer, pop the registers it saved and return into that stack's code.
+extern "C" void emu_switch_stack(void** save, void* load);
+#if defined(__x86_64__)
+asm(R"(
+    .text
+    .globl emu_switch_stack
+    .hidden emu_switch_stack
+    .type emu_switch_stack, @function
+emu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stack, .-emu_switch_stack
+)");
+#else
+#error "the kernel emulator's fiber switch is written for x86-64"
+#endif
+
 namespace emu {
 namespace {
 
 enum class State { Ready, AtSync, AtShuffle, Done };
 
 struct Fiber {
-    ucontext_t ctx;
+    void* sp;                        // saved stack pointer while switched out
     State state;
     dim3 tid;
     int lane, warp;
@@ -44,7 +74,7 @@ std::map<std::string, Kernel>& registry() {
 
 std::vector<Fiber> fibers;
 std::vector<char*> stacks;
-ucontext_t scheduler;
+void* scheduler_sp = nullptr;
 int current = -1;
 const Kernel* running = nullptr;
 void** running_args = nullptr;
@@ -52,13 +82,24 @@ std::string failure;                 // set by a fiber that found an error; the 
 sigjmp_buf segv_jump;
 volatile void* segv_address = nullptr;
 
-void fiber_main() {
+void yield_to_scheduler() { emu_switch_stack(&fibers[current].sp, scheduler_sp); }
+
+[[noreturn]] void fiber_main() {
     running->invoke(running->fn, running_args);
     fibers[current].state = State::Done;
-    // returning resumes `scheduler` through uc_link
+    yield_to_scheduler();            // never resumed
+    __builtin_unreachable();
 }
 
-void yield_to_scheduler() { swapcontext(&fibers[current].ctx, &scheduler); }
+// A fresh stack that emu_switch_stack "returns" into fiber_main on, as if fiber_main had been called.
+void* initial_stack(char* base) {
+    auto top = reinterpret_cast<uintptr_t>(base + STACK_BYTES) & ~uintptr_t(15);
+    auto* sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                   // fiber_main's return address: never used
+    *--sp = reinterpret_cast<void*>(&fiber_main);      // emu_switch_stack's `ret` goes here
+    for (int i = 0; i < 6; i++) *--sp = nullptr;       // rbp, rbx, r12-r15
+    return sp;
+}
 
 void fail(const std::string& message) {
     if (failure.empty()) failure = message;
@@ -86,11 +127,7 @@ bool run_block() {
     fibers.assign(n, Fiber{});
     for (int i = 0; i < n; i++) {
         Fiber& f = fibers[i];
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[i];
-        f.ctx.uc_stack.ss_size = STACK_BYTES;
-        f.ctx.uc_link = &scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        f.sp = initial_stack(stacks[i]);
         f.state = State::Ready;
         f.tid = dim3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
                      unsigned(i / (blockDim.x * blockDim.y))};
@@ -103,7 +140,7 @@ bool run_block() {
             if (fibers[i].state != State::Ready) continue;
             current = i;
             threadIdx = fibers[i].tid;
-            swapcontext(&scheduler, &fibers[i].ctx);
+            emu_switch_stack(&scheduler_sp, fibers[i].sp);
             if (!failure.empty()) return false;
         }
         bool released = false, all_done = true;
