@@ -34,8 +34,12 @@ def emulator(emulator_library, monkeypatch):
     """A fresh emulator with llmpy.gpu's launches, cupy allocations and batched matmuls routed to it."""
     import cuda_emu
     emu = cuda_emu.Emulator(emulator_library)
-    with emu.installed(monkeypatch):
-        yield emu
+    emu.set_reverse_order(False)
+    try:
+        with emu.installed(monkeypatch):
+            yield emu
+    finally:
+        emu.set_reverse_order(False)     # the library, and so the setting, is shared by every test
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=gpu_marks()), "emulator"])

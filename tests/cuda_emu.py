@@ -16,7 +16,9 @@ What it checks beyond the arithmetic:
   checked after every launch (writes into the 16-byte padding or before the start);
 - uninitialised memory: cupy.empty and dynamic shared memory come back filled with 0xff bytes (NaN
   in float32 and bf16), so a kernel that reads what nobody wrote produces NaNs;
-- barriers: a divergent __syncthreads or a shuffle after lanes exited stops the launch with a message.
+- barriers: a divergent __syncthreads or a shuffle after lanes exited stops the launch with a message;
+- races: set_reverse_order(True) runs blocks and threads last to first, so a kernel whose threads
+  or blocks exchange data without a barrier gives different bits than in order.
 Matmuls run through EmulatedCublasLt: matmul.py's real plans (column-major layouts, leading
 dimensions, batch strides, bias/GELU epilogues) executed by NumPy, with every operand bounds-checked.
 With the engine's few device calls stubbed too (arena pool, synchronize, device name), the whole
@@ -72,7 +74,7 @@ class EmulatorError(RuntimeError):
 
 
 SELFTEST = {"selftest.cu": ("block_sum_kernel", "fill_kernel", "sum_kernel", "divergent_sync_kernel",
-                            "half_warp_shuffle_kernel", "shuffle_after_exit_kernel", "uninitialized_shared_kernel")}
+                            "half_warp_shuffle_kernel", "shuffle_after_exit_kernel", "racy_shared_kernel", "uninitialized_shared_kernel")}
 
 
 def translation_unit(path: pathlib.Path, name_expressions) -> str:
@@ -213,6 +215,10 @@ class Emulator:
         self.Array = Array
         self.pool = _Pool(self)
         self.handle = None            # the default cuBLASLt handle, an EmulatedCublasLt
+
+    def set_reverse_order(self, reverse: bool) -> None:
+        """Run blocks, and threads within each block, last to first (True) or in order (False)."""
+        self.lib.emu_set_reverse_order(int(bool(reverse)))
 
     @classmethod
     def build(cls, out_dir) -> Emulator:

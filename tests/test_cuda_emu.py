@@ -65,6 +65,28 @@ def test_barrier_mistakes_are_reported(emulator):
         emulator.run("shuffle_after_exit_kernel", (1,), (32,), (out,))
 
 
+def test_reverse_order_exposes_a_missing_barrier(emulator):
+    """racy_shared_kernel reads a neighbour's shared-memory slot without __syncthreads: in order and
+    reversed, the emulator gives different results (test_gpu_ops runs every op both ways)."""
+    def run():
+        out = emulator.zeros((2, 64))
+        emulator.run("racy_shared_kernel", (2,), (64,), (out,))
+        return emulator.to_host(out).copy()
+
+    run()                                   # leaves the slots of block 1 behind
+    in_order = run()
+    emulator.set_reverse_order(True)
+    reversed_order = run()
+    expected = np.roll(np.arange(128, dtype=np.float32).reshape(2, 64), -1, axis=1)
+    assert np.array_equal(reversed_order[:, :63], expected[:, :63])   # the neighbour had written already
+    assert not np.array_equal(in_order, reversed_order)
+    emulator.set_reverse_order(False)
+    block_sum = emulator.empty((2,))
+    x = np.arange(128, dtype=np.float32).reshape(2, 64)
+    emulator.run("block_sum_kernel", (2,), (64,), (block_sum, emulator.to_device(x)))
+    np.testing.assert_array_equal(emulator.to_host(block_sum), x.sum(axis=1))
+
+
 def test_fresh_memory_reads_as_nan(emulator):
     assert np.all(np.isnan(emulator.to_host(emulator.empty((5,)))))
     assert np.all(np.isnan(emulator.to_host(emulator.empty((5,), ml_dtypes.bfloat16)).astype(np.float32)))

@@ -5,7 +5,9 @@ cuBLASLt's column-major GEMM to flat row-major buffers, must compute exactly inp
 dout^T @ inp and every batched variant (integer-valued float64 data, so "exactly" is exact). This proves
 the transposes and leading dimensions without a GPU. Also: argument validation and the small tables.
 
-GPU part (pytest.mark.gpu; needs a device and nvmath-python): the ops against NumPy float64 with
+Op part, on the `backend` fixture: a GPU (pytest.mark.gpu; needs nvmath-python), or the kernel
+emulator (tests/cuda_emu.py), whose EmulatedCublasLt executes the same plans, pointers and epilogues
+with NumPy in fp32 (cuBLASLt's own numerics only on the GPU): the ops against NumPy float64 with
 error-budget tolerances (STYLE.md §8): max|kernel - exact| <= 2 * max|lowp - exact| + floor, where
 `lowp` is a plain low-precision implementation (result rounded to the storage dtype, unfused epilogues)
 and `floor` is the fp32 accumulation error allowance.
@@ -23,6 +25,12 @@ from llmpy.testing import error_budget, requires_gpu
 
 HAVE_NVMATH = importlib.util.find_spec("nvmath") is not None
 requires_nvmath = pytest.mark.skipif(not HAVE_NVMATH, reason="needs nvmath-python (cuBLASLt bindings)")
+
+
+def _needs_nvmath(backend: str):
+    """On a GPU the ops call cuBLASLt through nvmath-python; the emulator executes their plans itself."""
+    if backend == "cuda" and not HAVE_NVMATH:
+        pytest.skip("needs nvmath-python (cuBLASLt bindings)")
 
 # -------------------------------------------------------------------------------------------------
 # NumPy emulation of cuBLASLt's column-major GEMM
@@ -358,11 +366,10 @@ def _np_dtype(name):
     return np.dtype(np.float32) if name == "float32" else _bf16()
 
 
-@requires_gpu
-@requires_nvmath
 @pytest.mark.parametrize("dtype_name,BT,C,OC", LINEAR_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gpu_forward(dtype_name, BT, C, OC, with_bias):
+def test_gpu_forward(backend, dtype_name, BT, C, OC, with_bias):
+    _needs_nvmath(backend)
     dtype, rng = _np_dtype(dtype_name), np.random.default_rng(10)
     inp, w = _random(rng, (BT, C), dtype), _random(rng, (OC, C), dtype, 1 / math.sqrt(C))
     bias = _random(rng, (OC,), dtype) if with_bias else None
@@ -374,11 +381,10 @@ def test_gpu_forward(dtype_name, BT, C, OC, with_bias):
     assert_within_budget("out", _host(out), exact, lowp, k_inner=C)
 
 
-@requires_gpu
-@requires_nvmath
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("BT,C,OC", [(5, 24, 40), (256, 768, 3072)])
-def test_gpu_forward_gelu_epilogue(dtype_name, BT, C, OC):
+def test_gpu_forward_gelu_epilogue(backend, dtype_name, BT, C, OC):
+    _needs_nvmath(backend)
     dtype, rng = _np_dtype(dtype_name), np.random.default_rng(11)
     inp, w = _random(rng, (BT, C), dtype), _random(rng, (OC, C), dtype, 1 / math.sqrt(C))
     bias = _random(rng, (OC,), dtype)
@@ -391,11 +397,10 @@ def test_gpu_forward_gelu_epilogue(dtype_name, BT, C, OC):
     assert_within_budget("out", _host(out), gelu(pre), lowp, k_inner=C)
 
 
-@requires_gpu
-@requires_nvmath
 @pytest.mark.parametrize("dtype_name,BT,C,OC", [c for c in LINEAR_CASES if c[-1] != 50304])
 @pytest.mark.parametrize("with_gelu", [False, True])
-def test_gpu_backward(dtype_name, BT, C, OC, with_gelu):
+def test_gpu_backward(backend, dtype_name, BT, C, OC, with_gelu):
+    _needs_nvmath(backend)
     dtype, rng = _np_dtype(dtype_name), np.random.default_rng(12)
     dout, inp = _random(rng, (BT, OC), dtype), _random(rng, (BT, C), dtype)
     w = _random(rng, (OC, C), dtype, 1 / math.sqrt(C))
@@ -403,6 +408,11 @@ def test_gpu_backward(dtype_name, BT, C, OC, with_gelu):
     pre = _random(rng, (BT, C), dtype) if with_gelu else None
     dinp = _dev(np.full((BT, C), 7.0), dtype)  # overwritten, so the 7s must vanish
     dweight = _dev(dw0, dtype)
+    if with_gelu and C % matmul.AUX_LD_MULTIPLE:      # cuBLASLt's aux leading dimension rule
+        with pytest.raises(ValueError, match="multiple of 8"):
+            matmul.matmul_backward(dinp, dweight, None, _dev(dout, dtype), _dev(inp, dtype), _dev(w, dtype),
+                                   gelu_aux=_dev(pre, dtype))
+        return
     matmul.matmul_backward(dinp, dweight, None, _dev(dout, dtype), _dev(inp, dtype), _dev(w, dtype),
                            gelu_aux=None if pre is None else _dev(pre, dtype))
     exact_dinp = dout @ w
@@ -418,10 +428,9 @@ def test_gpu_backward(dtype_name, BT, C, OC, with_gelu):
     assert_within_budget("dweight", _host(dweight), exact_dw, lowp_dw, k_inner=BT)
 
 
-@requires_gpu
-@requires_nvmath
-def test_gpu_backward_bias():
+def test_gpu_backward_bias(backend):
     """dbias goes to llmpy.gpu.bias.matmul_bias_backward(dbias, dout) (owned by the kernels helper)."""
+    _needs_nvmath(backend)
     pytest.importorskip("llmpy.gpu.bias")
     BT, C, OC = 64, 768, 768
     dtype, rng = _bf16(), np.random.default_rng(13)
@@ -451,10 +460,9 @@ def _batched_cases():
     return cases
 
 
-@requires_gpu
-@requires_nvmath
 @pytest.mark.parametrize("dtype_name,lead,a_mat,b_mat,transa,transb,alpha,beta", _batched_cases())
-def test_gpu_batched(dtype_name, lead, a_mat, b_mat, transa, transb, alpha, beta):
+def test_gpu_batched(backend, dtype_name, lead, a_mat, b_mat, transa, transb, alpha, beta):
+    _needs_nvmath(backend)
     dtype, rng = _np_dtype(dtype_name), np.random.default_rng(14)
     a, b = _random(rng, (*lead, *a_mat), dtype), _random(rng, (*lead, *b_mat), dtype)
     op_a = np.swapaxes(a, -1, -2) if transa else a

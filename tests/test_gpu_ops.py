@@ -86,22 +86,38 @@ def _call(fn, case: Case, arrays: dict, extra_kwargs: dict):
     fn(*map(resolve, case.args), **{k: resolve(v) for k, v in {**case.kwargs, **extra_kwargs}.items()})
 
 
-def check_case(case: Case, size: dict, dtype_name: str):
-    import cupy as cp
+def _inputs(case: Case, size: dict, dtype_name: str):
+    """(base float64/int32 inputs, kind(name), rounded(name)) of a case: kind is "int", "f32" or "T"
+    (the storage type), rounded gives the values the GPU sees, as float32 (bf16 is exact in it)."""
     storage = STORAGE[dtype_name]
-    rng = np.random.default_rng(1234)
-    base = case.make(rng, **size)
+    base = case.make(np.random.default_rng(1234), **size)
 
     def kind(name):
         a = base[name]
         return "int" if a.dtype.kind in "iu" else ("f32" if name in case.fp32 else "T")
 
-    def rounded(name):      # the input values the GPU sees, as float32 (bf16 is exact in float32)
+    def rounded(name):
         a = base[name]
         if kind(name) == "int":
             return a.copy()
         to = storage if kind(name) == "T" else np.float32
         return a.astype(to).astype(np.float32)
+    return base, kind, rounded
+
+
+def run_gpu(case: Case, size: dict, dtype_name: str) -> dict:
+    """Run the case's GPU op on its inputs; returns {output name: host array in its stored dtype}."""
+    import cupy as cp
+    storage = STORAGE[dtype_name]
+    base, kind, rounded = _inputs(case, size, dtype_name)
+    device = {n: cp.asarray(rounded(n).astype(storage) if kind(n) == "T" else rounded(n)) for n in base}
+    _call(_ops("gpu", case.op), case, device, case.gpu_kwargs)
+    return {n: device[n].get() for n in case.outputs}
+
+
+def check_case(case: Case, size: dict, dtype_name: str):
+    storage = STORAGE[dtype_name]
+    base, kind, rounded = _inputs(case, size, dtype_name)
 
     exact = {n: a.astype(np.float64) if kind(n) != "int" else a.copy() for n, a in base.items()}
     _call(_ops("cpu", case.op), case, exact, {})
@@ -113,9 +129,7 @@ def check_case(case: Case, size: dict, dtype_name: str):
         if kind(n) == "T":
             lowp[n] = lowp[n].astype(storage).astype(np.float32)
 
-    device = {n: cp.asarray(rounded(n).astype(storage) if kind(n) == "T" else rounded(n)) for n in base}
-    _call(_ops("gpu", case.op), case, device, case.gpu_kwargs)
-    got = {n: device[n].get().astype(np.float64) for n in case.outputs}
+    got = {n: a.astype(np.float64) for n, a in run_gpu(case, size, dtype_name).items()}
 
     for n in case.outputs:
         scale = float(np.abs(exact[n]).max(initial=0.0)) or 1.0
@@ -268,6 +282,18 @@ def test_gpu_matches_reference(backend, case, size, dtype_name):
     if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
         pytest.skip("needs nvmath-python (cuBLASLt bindings)")
     check_case(case, size, dtype_name)
+
+
+@pytest.mark.parametrize("case,size,dtype_name", list(_params()))
+def test_results_do_not_depend_on_block_or_thread_order(emulator, case, size, dtype_name):
+    """Emulator only: blocks, and the threads of each block, run last to first give the same bits
+    as in order, so no kernel passes data between threads or blocks without a barrier (a race that
+    the in-order emulation, or one GPU's timing, could hide)."""
+    in_order = run_gpu(case, size, dtype_name)
+    emulator.set_reverse_order(True)
+    reversed_order = run_gpu(case, size, dtype_name)
+    for n in case.outputs:
+        assert in_order[n].tobytes() == reversed_order[n].tobytes(), f"{case.op}:{n} depends on the order"
 
 
 # -------------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ int current = -1;
 const Kernel* running = nullptr;
 void** running_args = nullptr;
 std::string failure;                 // set by a fiber that found an error; the launch stops
+bool reverse_order = false;          // run blocks, and threads within a block, last to first
 sigjmp_buf segv_jump;
 volatile void* segv_address = nullptr;
 
@@ -136,7 +137,8 @@ bool run_block() {
     }
     const int num_warps = (n + 31) / 32;
     for (;;) {
-        for (int i = 0; i < n; i++) {
+        for (int k = 0; k < n; k++) {
+            const int i = reverse_order ? n - 1 - k : k;
             if (fibers[i].state != State::Ready) continue;
             current = i;
             threadIdx = fibers[i].tid;
@@ -251,6 +253,10 @@ extern "C" {
 
 int emu_num_kernels() { return int(emu::registry().size()); }
 
+// 1: run blocks and the threads of a block in reverse order from now on (0: in order). A kernel
+// whose threads or blocks communicate without a barrier (a race) gives different results.
+void emu_set_reverse_order(int reverse) { emu::reverse_order = reverse != 0; }
+
 // name and parameter codes of kernel i (in name order): "Pf" = pointer to float, "i4" = 4-byte int
 int emu_kernel_info(int i, char* name, int name_len, char* params, int params_len) {
     auto it = emu::registry().begin();
@@ -312,15 +318,15 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
     sigaction(SIGBUS, &action, &old_bus);
     int rc = 0;
     if (sigsetjmp(segv_jump, 1) == 0) {
-        for (unsigned z = 0; z < grid[2] && !rc; z++)
-            for (unsigned y = 0; y < grid[1] && !rc; y++)
-                for (unsigned x = 0; x < grid[0] && !rc; x++) {
-                    blockIdx = dim3{x, y, z};
-                    if (k.dynamic_shared) {          // fresh blocks see garbage, not zeros: NaN bytes
-                        memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
-                    }
-                    if (!run_block()) rc = 1;
-                }
+        const unsigned num_blocks = grid[0] * grid[1] * grid[2];
+        for (unsigned j = 0; j < num_blocks && !rc; j++) {
+            const unsigned b = reverse_order ? num_blocks - 1 - j : j;
+            blockIdx = dim3{b % grid[0], b / grid[0] % grid[1], b / (grid[0] * grid[1])};
+            if (k.dynamic_shared) {          // fresh blocks see garbage, not zeros: NaN bytes
+                memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
+            }
+            if (!run_block()) rc = 1;
+        }
     } else {
         *fault_address = const_cast<void*>(segv_address);
         snprintf(error, error_len, "%s: invalid memory access at %p in block (%u,%u,%u) thread (%u,%u,%u)", name,

@@ -49,3 +49,10 @@ __global__ void uninitialized_shared_kernel(float* out) {
     extern __shared__ float buf[];
     out[threadIdx.x] = buf[threadIdx.x];
 }
+
+// thread i reads what thread i+1 wrote with no barrier in between: a race
+__global__ void racy_shared_kernel(float* out) {
+    __shared__ float slot[1024];
+    slot[threadIdx.x] = float(blockIdx.x * blockDim.x + threadIdx.x);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = slot[(threadIdx.x + 1) % blockDim.x];
+}
