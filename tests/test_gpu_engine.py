@@ -2,10 +2,12 @@
 
 Host half (runs anywhere CuPy imports): llm.c's MFU table (llmc/mfu.h), the arena plan, the resume
 seeds, the options from a TrainConfig, and StepGraph's bookkeeping with fake streams.
-GPU half (skipped without a device): the whole model against the NumPy reference `llmpy.cpu` in fp32
+Model half, on the `backend` fixture (a GPU, marker gpu; or the CPU kernel emulator of
+tests/cuda_emu.py, which runs in CI): the whole model against the NumPy reference `llmpy.cpu` in fp32
 and in bf16 (error budget from a plain bf16 emulation, plus llm.c's test_gpt2cu gradient criterion),
-ten training steps, graph replay == eager bit for bit, bit-exact resume through the master weights,
-and device memory back to its baseline after close, also after exceptions.
+ten training steps, bit-exact resume through the master weights, and `llmpy train --device cuda`
+resuming exactly through the CLI. GPU only: graph replay == eager bit for bit, and device memory back
+to its baseline after close, also after exceptions.
 """
 import dataclasses
 from contextlib import contextmanager
@@ -387,17 +389,27 @@ def test_fp32_step_matches_cpu_reference(backend, cfg, B, T):
     assert not g["wte"][cfg.vocab_size:].any(), "padded vocab rows get no gradient"
 
 
-@pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), pytest.param(D12, 4, 64, marks=pytest.mark.slow)],
-                         ids=["tiny", "d12"])
-def test_bf16_step_within_error_budget(backend, cfg, B, T):
+@pytest.mark.parametrize("cfg,B,T,options", [
+    (TINY, 3, 32, {}),
+    (TINY, 3, 32, dict(recompute=False)),                  # -r 0: every layer keeps its GELU output
+    (TINY, 3, 32, dict(gelu_fusion=1)),                    # -ge 1: GELU in the fc matmul's epilogue
+    (TINY, 3, 32, dict(gelu_fusion=2)),                    # -ge 2: and DGELU in its backward
+    pytest.param(D12, 4, 64, {}, marks=pytest.mark.slow)], ids=["tiny", "tiny-r0", "tiny-ge1", "tiny-ge2", "d12"])
+def test_bf16_step_within_error_budget(backend, cfg, B, T, options):
     """Error budget (STYLE.md §8): max|gpu - fp32| <= 4 max|plain bf16 - fp32| + floor, per tensor; the
     fp32 and bf16-emulating references run on the same bf16-rounded weights. Plus llm.c's criterion."""
     params = bf16_round(make_params(cfg))
     (inp, tgt), = make_batches(cfg, B, T)
     exact = reference_step(cpu, cfg, params, inp, tgt)
     lowp = reference_step(RoundedOps(), cfg, params, inp, tgt)
-    with gpu_model(cfg, B, T, params, dtype="bf16") as model:
+    with gpu_model(cfg, B, T, params, dtype="bf16", **options) as model:
         got = gpu_step(model, inp, tgt)
+        if backend == "emulator":                           # which cuBLASLt epilogues the step used
+            from llmpy.gpu import cublaslt
+            used = {epilogue for _, epilogue in model.lt.calls}
+            fused = options.get("gelu_fusion", 0)
+            assert (cublaslt.EPILOGUE_GELU_AUX_BIAS in used) == (fused >= 1)
+            assert (cublaslt.EPILOGUE_DGELU in used) == (fused >= 2)
 
     def within_budget(name, gpu, ref, low, k=4.0):
         err = float(np.max(np.abs(gpu.astype(np.float64) - ref), initial=0.0))
