@@ -1,4 +1,5 @@
-"""Test helpers shared by tests/ and scripts/: tensor comparison, finite differences, the GPU gate.
+"""Test helpers shared by tests/ and scripts/: tensor comparison, finite differences, the GPU gate,
+error budgets, and a NumPy column-major GEMM that executes cuBLASLt plans.
 
 Importing this module needs only NumPy; pytest is imported when `requires_gpu` is first used.
 """
@@ -133,3 +134,34 @@ def ulp_budget(kernel, exact, mantissa_bits: int, ulps: float = 1.0, floor: floa
         raise AssertionError(f"{label}{int(bad.sum())} elements off by more than {ulps:g} ulp + {floor:g}; "
                              f"first at flat index {i}: kernel {k.flat[i]:.9g}, exact {e.flat[i]:.9g}")
     return float(np.max(err / np.where(spacing > 0, spacing, np.inf), initial=0.0))
+
+
+def colmajor_view(buf: np.ndarray, offset: int, rows: int, cols: int, ld: int) -> np.ndarray:
+    """The (rows, cols) column-major matrix with leading dimension ld starting at flat buf[offset]."""
+    assert ld >= rows, "cuBLASLt requires ld >= rows"
+    assert offset + (cols - 1) * ld + rows <= buf.size, "matrix runs past the end of its buffer"
+    s = buf.itemsize
+    return np.lib.stride_tricks.as_strided(buf[offset:], shape=(rows, cols), strides=(s, ld * s))
+
+
+def colmajor_gemm(plan, A: np.ndarray, B: np.ndarray, D: np.ndarray, *, alpha: float = 1.0,
+                  beta: float = 0.0, compute=None, epilogue=None) -> None:
+    """D = alpha * op(A) @ op(B) + beta * D per batch, on flat buffers, exactly as cuBLASLt reads a
+    llmpy.gpu.cublaslt.GemmPlan (column-major layouts, leading dimensions, batch strides).
+
+    compute: dtype the operands are widened to for the product (None: the buffers' own);
+    epilogue(acc, i): maps batch i's (m, n) result before it is stored into D (rounded to D's dtype)."""
+    for i in range(plan.batch):
+        a = colmajor_view(A, i * plan.stride_a, *plan.a_layout)
+        b = colmajor_view(B, i * plan.stride_b, *plan.b_layout)
+        d = colmajor_view(D, i * plan.stride_d, *plan.d_layout)
+        op_a = a.T if plan.transa else a
+        op_b = b.T if plan.transb else b
+        assert op_a.shape == (plan.m, plan.k) and op_b.shape == (plan.k, plan.n)
+        if compute is not None:
+            op_a, op_b = op_a.astype(compute), op_b.astype(compute)
+        acc = op_a @ op_b
+        acc *= acc.dtype.type(alpha)
+        if beta:                                      # beta = 0: D is not read
+            acc += acc.dtype.type(beta) * d.astype(acc.dtype)
+        d[...] = acc if epilogue is None else epilogue(acc, i)

@@ -20,7 +20,8 @@ What it checks beyond the arithmetic:
 - races: set_reverse_order(True) runs blocks and threads last to first, so a kernel whose threads
   or blocks exchange data without a barrier gives different bits than in order.
 Matmuls run through EmulatedCublasLt: matmul.py's real plans (column-major layouts, leading
-dimensions, batch strides, bias/GELU epilogues) executed by NumPy, with every operand bounds-checked.
+dimensions, batch strides, bias/GELU epilogues) executed by llmpy.testing.colmajor_gemm, with every
+operand bounds-checked.
 With the engine's few device calls stubbed too (arena pool, synchronize, device name), the whole
 GPUGPT training step runs (tests/test_gpu_engine.py), except CUDA-graph capture.
 Not modelled: concurrency between blocks, fast-math approximations, cuBLASLt's own descriptors and
@@ -46,6 +47,7 @@ import numpy as np
 
 from llmpy.gpu import _kernels as K
 from llmpy.gpu import cublaslt
+from llmpy.testing import colmajor_gemm, colmajor_view
 
 EMU_DIR = pathlib.Path(__file__).resolve().parent / "emu"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -73,8 +75,8 @@ class EmulatorError(RuntimeError):
 # Building
 
 
-SELFTEST = {"selftest.cu": ("block_sum_kernel", "fill_kernel", "sum_kernel", "divergent_sync_kernel",
-                            "half_warp_shuffle_kernel", "shuffle_after_exit_kernel", "racy_shared_kernel", "uninitialized_shared_kernel")}
+# the emulator's own test kernels (not templates: each name is its own name expression)
+SELFTEST = {"selftest.cu": tuple(re.findall(r"__global__\s+void\s+(\w+)", (EMU_DIR / "selftest.cu").read_text()))}
 
 
 def translation_unit(path: pathlib.Path, name_expressions) -> str:
@@ -167,12 +169,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@dataclasses.dataclass
-class _Kernel:
-    name: str
-    params: list[tuple[bool, str, int]]       # (pointer, type code, size)
-
-
 class Emulator:
     """One loaded emulator library and the "device" memory handed out through it."""
 
@@ -182,14 +178,14 @@ class Emulator:
         self.lib.emu_launch.argtypes = (ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
                                         ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                         ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
-        self.kernels: dict[str, _Kernel] = {}
+        self.kernels: dict[str, list[tuple[bool, str, int]]] = {}    # name -> (pointer, type code, size) per param
         name, params = ctypes.create_string_buffer(512), ctypes.create_string_buffer(512)
         for i in range(self.lib.emu_num_kernels()):
             self.lib.emu_kernel_info(i, name, 512, params, 512)
             parsed = []
             for p in params.value.decode().split(","):
                 parsed.append((True, p[1], 8) if p[0] == "P" else (False, p[0], int(p[1:])))
-            self.kernels[name.value.decode()] = _Kernel(name.value.decode(), parsed)
+            self.kernels[name.value.decode()] = parsed
         self.allocations: list[_Allocation] = []
         self.launches: list[str] = []
         emu = self
@@ -284,13 +280,13 @@ class Emulator:
     # ---- launches ----
 
     def _marshal(self, name: str, args: tuple):
-        kernel = self.kernels.get(name)
-        if kernel is None:
+        params = self.kernels.get(name)
+        if params is None:
             raise EmulatorError(f"{name} is not registered in the emulator")
-        if len(args) != len(kernel.params):
-            raise EmulatorError(f"{name} takes {len(kernel.params)} arguments, the launcher passed {len(args)}")
+        if len(args) != len(params):
+            raise EmulatorError(f"{name} takes {len(params)} arguments, the launcher passed {len(args)}")
         keep, argv = [], (ctypes.c_void_p * max(1, len(args)))()
-        for i, (a, (pointer, code, size)) in enumerate(zip(args, kernel.params)):
+        for i, (a, (pointer, code, size)) in enumerate(zip(args, params)):
             where = f"{name} argument {i}"
             if pointer:
                 if a is None:
@@ -421,20 +417,11 @@ class _Pool:
         pass
 
 
-def _gelu(x):
-    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x ** 3)))
-
-
-def _gelu_grad(x):
-    t = np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x ** 3))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * np.float32(0.7978845608) * (1.0 + 3 * np.float32(0.044715) * x * x)
-
-
 class EmulatedCublasLt:
     """Stands in for llmpy.gpu.cublaslt.CublasLt: executes each GemmPlan (column-major, device
-    pointers, leading dimensions, batch strides, epilogues) with NumPy on emulator memory, in fp32
-    with one rounding into the storage type, so matmul.py's planning is exercised for real. Every
-    operand must lie inside its array."""
+    pointers, leading dimensions, batch strides, epilogues) with llmpy.testing.colmajor_gemm on
+    emulator memory, in fp32 with one rounding into the storage type, so matmul.py's planning is
+    exercised for real. Every operand must lie inside its array."""
 
     _DTYPES = {cublaslt.cuda_data_type(np.float32): np.dtype(np.float32), cublaslt.cuda_data_type(BF16): BF16}
 
@@ -450,36 +437,40 @@ class EmulatedCublasLt:
     def close(self) -> None:
         pass
 
-    def _matrix(self, ptr, dtype, layout, stride, batch, what):
-        rows, cols, ld = layout                       # column-major: element (i, j) at i + j * ld
-        if ld < rows:
-            raise EmulatorError(f"{what}: leading dimension {ld} < rows {rows}")
-        view = self.emu._view(ptr, dtype, (batch, cols, rows), (stride, ld, 1), what)
-        return np.swapaxes(view, -1, -2)             # (batch, rows, cols)
+    def _flat(self, ptr, dtype, layout, stride, batch, what) -> np.ndarray:
+        """The flat span of emulator memory a (rows, cols, ld) operand covers over all batches."""
+        rows, cols, ld = layout
+        return self.emu._view(ptr, dtype, ((batch - 1) * stride + (cols - 1) * ld + rows,), (1,), what)
 
     def matmul(self, plan, data_type, a, b, d, *, epilogue=cublaslt.EPILOGUE_DEFAULT, bias=0, aux=0,
                alpha=1.0, beta=0.0, stream=None):
+        from llmpy.cpu.gelu import gelu_backward, gelu_forward
         dtype = self._DTYPES[data_type]
         self.calls.append((plan, epilogue))
         if plan.batch > 1 and 0 in (plan.stride_a, plan.stride_b, plan.stride_d):
             raise EmulatorError(f"batched plan with a zero stride: {plan}")
-        A = self._matrix(a, dtype, plan.a_layout, plan.stride_a, plan.batch, "cuBLASLt A")
-        B = self._matrix(b, dtype, plan.b_layout, plan.stride_b, plan.batch, "cuBLASLt B")
-        D = self._matrix(d, dtype, plan.d_layout, plan.stride_d, plan.batch, "cuBLASLt D")
-        opA = np.swapaxes(A, -1, -2) if plan.transa else A
-        opB = np.swapaxes(B, -1, -2) if plan.transb else B
-        acc = np.float32(alpha) * np.matmul(opA.astype(np.float32), opB.astype(np.float32))
-        if beta:
-            acc += np.float32(beta) * D.astype(np.float32)
-        if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
-            acc += self.emu._view(bias, dtype, (plan.m,), (1,), "bias").astype(np.float32)[:, None]
-        if epilogue in cublaslt.AUX_EPILOGUES:
-            AUX = self._matrix(aux, dtype, plan.d_layout, plan.stride_d, plan.batch, "GELU aux")
-            if epilogue == cublaslt.EPILOGUE_DGELU:
-                acc *= _gelu_grad(AUX.astype(np.float32))
-            else:
-                AUX[...] = acc.astype(dtype)
-                acc = _gelu(acc)
-        elif epilogue not in (cublaslt.EPILOGUE_DEFAULT, cublaslt.EPILOGUE_BIAS):
+        if epilogue not in (cublaslt.EPILOGUE_DEFAULT, cublaslt.EPILOGUE_BIAS, *cublaslt.AUX_EPILOGUES):
             raise EmulatorError(f"unknown epilogue {epilogue}")
-        D[...] = acc.astype(dtype)
+        A = self._flat(a, dtype, plan.a_layout, plan.stride_a, plan.batch, "cuBLASLt A")
+        B = self._flat(b, dtype, plan.b_layout, plan.stride_b, plan.batch, "cuBLASLt B")
+        D = self._flat(d, dtype, plan.d_layout, plan.stride_d, plan.batch, "cuBLASLt D")
+        if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+            bias_col = self.emu._view(bias, dtype, (plan.m,), (1,), "bias").astype(np.float32)[:, None]
+        if epilogue in cublaslt.AUX_EPILOGUES:
+            AUX = self._flat(aux, dtype, plan.d_layout, plan.stride_d, plan.batch, "GELU aux")
+
+        def apply(acc, i):                           # on the fp32 accumulator, as cuBLASLt does
+            if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+                acc += bias_col
+            if epilogue in cublaslt.AUX_EPILOGUES:
+                pre = colmajor_view(AUX, i * plan.stride_d, *plan.d_layout)
+                if epilogue == cublaslt.EPILOGUE_DGELU:
+                    gelu_backward(acc, np.ascontiguousarray(pre, dtype=np.float32), acc)
+                else:
+                    pre[...] = acc
+                    out = np.empty_like(acc)
+                    gelu_forward(out, acc)
+                    acc = out
+            return acc
+
+        colmajor_gemm(plan, A, B, D, alpha=alpha, beta=beta, compute=np.float32, epilogue=apply)

@@ -21,7 +21,7 @@ import pytest
 from llmpy.gpu import cublaslt, matmul
 from llmpy.gpu.matmul import (GemmPlan, gemm_plan_batched, gemm_plan_dinp, gemm_plan_dweight,
                               gemm_plan_forward, select_epilogue)
-from llmpy.testing import error_budget, requires_gpu
+from llmpy.testing import colmajor_gemm, error_budget, requires_gpu
 
 HAVE_NVMATH = importlib.util.find_spec("nvmath") is not None
 requires_nvmath = pytest.mark.skipif(not HAVE_NVMATH, reason="needs nvmath-python (cuBLASLt bindings)")
@@ -31,31 +31,6 @@ def _needs_nvmath(backend: str):
     """On a GPU the ops call cuBLASLt through nvmath-python; the emulator executes their plans itself."""
     if backend == "cuda" and not HAVE_NVMATH:
         pytest.skip("needs nvmath-python (cuBLASLt bindings)")
-
-# -------------------------------------------------------------------------------------------------
-# NumPy emulation of cuBLASLt's column-major GEMM
-
-
-def colmajor_view(buf: np.ndarray, offset: int, rows: int, cols: int, ld: int) -> np.ndarray:
-    """The (rows, cols) column-major matrix with leading dimension ld starting at buf[offset]."""
-    assert ld >= rows, "cuBLASLt requires ld >= rows"
-    assert offset + (cols - 1) * ld + rows <= buf.size, "matrix runs past the end of its buffer"
-    s = buf.itemsize
-    return np.lib.stride_tricks.as_strided(buf[offset:], shape=(rows, cols), strides=(s, ld * s))
-
-
-def colmajor_gemm(plan: GemmPlan, A: np.ndarray, B: np.ndarray, D: np.ndarray, *,
-                  alpha: float = 1.0, beta: float = 0.0) -> None:
-    """D = alpha * op(A) @ op(B) + beta * D per batch, on flat buffers, exactly as cuBLASLt reads them."""
-    for i in range(plan.batch):
-        a = colmajor_view(A, i * plan.stride_a, *plan.a_layout)
-        b = colmajor_view(B, i * plan.stride_b, *plan.b_layout)
-        d = colmajor_view(D, i * plan.stride_d, *plan.d_layout)
-        op_a = a.T if plan.transa else a
-        op_b = b.T if plan.transb else b
-        assert op_a.shape == (plan.m, plan.k) and op_b.shape == (plan.k, plan.n)
-        d[...] = alpha * (op_a @ op_b) + (beta * d if beta else 0.0)  # beta = 0: D is not read
-
 
 def ints(rng, *shape) -> np.ndarray:
     """Small integer values as float64: every product and sum below is exact."""

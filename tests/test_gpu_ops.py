@@ -105,11 +105,12 @@ def _inputs(case: Case, size: dict, dtype_name: str):
     return base, kind, rounded
 
 
-def run_gpu(case: Case, size: dict, dtype_name: str) -> dict:
-    """Run the case's GPU op on its inputs; returns {output name: host array in its stored dtype}."""
+def run_gpu(case: Case, size: dict, dtype_name: str, inputs=None) -> dict:
+    """Run the case's GPU op on its inputs (`inputs`: _inputs' result when the caller has it);
+    returns {output name: host array in its stored dtype}."""
     import cupy as cp
     storage = STORAGE[dtype_name]
-    base, kind, rounded = _inputs(case, size, dtype_name)
+    base, kind, rounded = inputs or _inputs(case, size, dtype_name)
     device = {n: cp.asarray(rounded(n).astype(storage) if kind(n) == "T" else rounded(n)) for n in base}
     _call(_ops("gpu", case.op), case, device, case.gpu_kwargs)
     return {n: device[n].get() for n in case.outputs}
@@ -117,7 +118,8 @@ def run_gpu(case: Case, size: dict, dtype_name: str) -> dict:
 
 def check_case(case: Case, size: dict, dtype_name: str):
     storage = STORAGE[dtype_name]
-    base, kind, rounded = _inputs(case, size, dtype_name)
+    inputs = _inputs(case, size, dtype_name)
+    base, kind, rounded = inputs
 
     exact = {n: a.astype(np.float64) if kind(n) != "int" else a.copy() for n, a in base.items()}
     _call(_ops("cpu", case.op), case, exact, {})
@@ -129,7 +131,7 @@ def check_case(case: Case, size: dict, dtype_name: str):
         if kind(n) == "T":
             lowp[n] = lowp[n].astype(storage).astype(np.float32)
 
-    got = {n: a.astype(np.float64) for n, a in run_gpu(case, size, dtype_name).items()}
+    got = {n: a.astype(np.float64) for n, a in run_gpu(case, size, dtype_name, inputs).items()}
 
     for n in case.outputs:
         scale = float(np.abs(exact[n]).max(initial=0.0)) or 1.0

@@ -68,22 +68,14 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {     // round to nearest even
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
-inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
-inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-inline unsigned long min(unsigned long a, unsigned long b) { return a < b ? a : b; }
-inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : b; }
 
 // ---- cache-hinted loads and stores: plain accesses on a CPU ------------------------------------
 template <class V> inline V __ldcs(const V* p) { return *p; }
-template <class V> inline V __ldg(const V* p) { return *p; }
 template <class V> inline void __stcs(V* p, V v) { *p = v; }
 template <class V> inline void __stcg(V* p, V v) { *p = v; }
 
@@ -111,12 +103,6 @@ template <class V> inline V __shfl_sync(unsigned int mask, V v, int src_lane, in
 
 template <class V> inline V __shfl_xor_sync(unsigned int mask, V v, int lane_mask, int width = 32) {
     return __shfl_sync(mask, v, (emu::lane_id() ^ lane_mask) & (width - 1), width);
-}
-
-template <class V> inline V __shfl_down_sync(unsigned int mask, V v, unsigned int delta, int width = 32) {
-    const int lane = emu::lane_id() & (width - 1);
-    const int src = lane + int(delta) < width ? lane + int(delta) : lane;
-    return __shfl_sync(mask, v, src, width);
 }
 
 // ---- kernel registry -------------------------------------------------------------------------
