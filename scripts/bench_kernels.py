@@ -247,9 +247,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    if args.device == "cpu" and dtype == "bf16":
-        sys.exit("bench_kernels: --dtype bf16 is a GPU mode (the CPU ops run in float32)")
+    dtype = bu.storage_dtype(args.device, args.dtype, "bench_kernels")
     ops = [o for o in args.ops.split(",") if o] or list(FAMILIES)
     unknown = set(ops) - set(FAMILIES)
     if unknown:

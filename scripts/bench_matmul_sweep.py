@@ -108,9 +108,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    if args.device == "cpu" and dtype == "bf16":
-        sys.exit("bench_matmul_sweep: --dtype bf16 is a GPU mode")
+    dtype = bu.storage_dtype(args.device, args.dtype, "bench_matmul_sweep")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = bu.run_metadata(args.device, argv)

@@ -85,6 +85,14 @@ def run_metadata(device: str, argv: list[str] | None = None) -> dict:
 # Arrays on either device (bf16 moves as raw bytes: CuPy's bf16 support is partial, cupy-notes.md §4)
 
 
+def storage_dtype(device: str, requested: str, prog: str) -> str:
+    """--dtype as given, else bf16 on cuda and fp32 on cpu; bf16 on the CPU exits with a message."""
+    dtype = requested or ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu" and dtype == "bf16":
+        sys.exit(f"{prog}: --dtype bf16 is a GPU mode (the CPU ops run in float32)")
+    return dtype
+
+
 def upload(xp, host: np.ndarray, dtype=None):
     """A host array as an xp array of `dtype` (default: its own), converted on the host."""
     host = np.ascontiguousarray(host if dtype is None else host.astype(dtype))
