@@ -18,14 +18,23 @@ What it checks beyond the arithmetic:
   in float32 and bf16), so a kernel that reads what nobody wrote produces NaNs;
 - barriers: a divergent __syncthreads or a shuffle after lanes exited stops the launch with a message;
 - races: set_reverse_order(True) runs blocks and threads last to first, so a kernel whose threads
-  or blocks exchange data without a barrier gives different bits than in order.
+  or blocks exchange data without a barrier gives different bits than in order;
+- lifetimes: an array's memory is unmapped when the last CuPy reference to it goes, as the pool would
+  reuse it, so a kernel reading freed memory faults; the pool stand-in's used_bytes() counts the
+  live arrays, so "the engine gives every byte back" is testable.
 Matmuls run through EmulatedCublasLt: matmul.py's real plans (column-major layouts, leading
 dimensions, batch strides, bias/GELU epilogues) executed by llmpy.testing.colmajor_gemm, with every
 operand bounds-checked.
-With the engine's few device calls stubbed too (arena pool, synchronize, device name), the whole
-GPUGPT training step runs (tests/test_gpu_engine.py), except CUDA-graph capture.
+CUDA graphs (EmulatedCuda, the `cupy.cuda` that StepGraph sees): while a stream captures, launches,
+matmuls, memsets and device-to-device copies are recorded with their pointers and by-value
+arguments frozen, and a replay runs the recording, so a per-step value passed by value instead of
+through device memory shows up as a replay that differs from eager execution. What CUDA refuses
+during capture is refused here too: host<->device copies, synchronisation, work on another stream,
+and allocations once StepGraph has installed its refusing allocator.
+With the engine's few device calls stubbed too (arena pool, synchronize, device name, memory info),
+the whole GPUGPT training step runs, graphs included (tests/test_gpu_engine.py).
 Not modelled: concurrency between blocks, fast-math approximations, cuBLASLt's own descriptors and
-algorithms (tests/test_cublaslt.py), CUDA graphs, performance.
+algorithms (tests/test_cublaslt.py), asynchrony between streams, performance.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import cupy as cp
@@ -53,6 +63,7 @@ EMU_DIR = pathlib.Path(__file__).resolve().parent / "emu"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 PAGE = mmap.PAGESIZE
 CANARY = 0xA5
+MEMORY_BYTES = 80 * 2**30     # the "device" size cupy.cuda.runtime.memGetInfo reports
 CXXFLAGS = ("-std=c++17", "-O1", "-fPIC", "-fno-extern-tls-init", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unknown-pragmas",
             "-Wno-unused-function", "-Wno-unused-variable")
 
@@ -149,7 +160,7 @@ def build(out_dir: pathlib.Path) -> pathlib.Path:
 # Memory: each array ends at a guard page, with canary bytes around it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Allocation:
     mm: mmap.mmap
     base: int          # address of the mapping: guard page, padding, data, padding, guard page
@@ -186,31 +197,73 @@ class Emulator:
             for p in params.value.decode().split(","):
                 parsed.append((True, p[1], 8) if p[0] == "P" else (False, p[0], int(p[1:])))
             self.kernels[name.value.decode()] = parsed
-        self.allocations: list[_Allocation] = []
+        self._live: dict[int, weakref.ref] = {}    # data address -> the allocation, while referenced
         self.launches: list[str] = []
+        self._capture: list | None = None           # the work recorded by the capturing stream
+        self.allocator = None                       # set by EmulatedCuda.using_allocator
+        self.cuda = EmulatedCuda(self)
         emu = self
 
         class Array(_NDARRAY):
             """cupy.ndarray over emulator memory. The methods llmpy calls that would launch CuPy's own
-            kernels or copies (get, set, fill, sum, copy) work on the host view instead."""
+            kernels or copies (get, set, fill, sum, copy) work on the host view instead: fill and copy
+            are device work (recorded while capturing), get, set and sum synchronise with the host."""
             def get(self, stream=None, order="C", out=None, blocking=True):
+                emu.host_sync("a device-to-host copy (get)")
                 return emu.to_host(self).copy()
 
             def set(self, arr, stream=None):
+                emu.host_sync("a host-to-device copy (set)")
                 emu.to_host(self)[...] = np.asarray(arr).reshape(self.shape)
 
             def fill(self, value):
-                emu.to_host(self)[...] = value
+                host = emu.to_host(self)
+                emu.enqueue(lambda: host.__setitem__(Ellipsis, value))
 
             def sum(self, axis=None, dtype=None, out=None, keepdims=False):
+                emu.host_sync("a reduction read back by the host (sum)")
                 return emu.to_host(self).sum(axis=axis, dtype=dtype, keepdims=keepdims)
 
             def copy(self, order="C"):
-                return emu.to_device(emu.to_host(self))
+                out = emu.empty(self.shape, self.dtype)
+                src, dst = emu.to_host(self), emu.to_host(out)
+                emu.enqueue(lambda: dst.__setitem__(Ellipsis, src))
+                return out
 
         self.Array = Array
         self.pool = _Pool(self)
         self.handle = None            # the default cuBLASLt handle, an EmulatedCublasLt
+
+    @property
+    def allocations(self) -> list[_Allocation]:
+        """The live allocations (those some CuPy array still references)."""
+        return [a for a in (ref() for ref in list(self._live.values())) if a is not None]
+
+    def used_bytes(self) -> int:
+        return sum(a.nbytes for a in self.allocations)
+
+    # ---- streams and graphs: what runs now and what a capture records ----
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture is not None
+
+    def enqueue(self, work) -> None:
+        """Device work in stream order: run now, or record it while a stream captures (then it must
+        be issued on the capturing stream, as CUDA's global capture mode requires)."""
+        if self._capture is None:
+            work()
+            return
+        if not self.cuda.get_current_stream().is_capturing():
+            raise EmulatorError("work issued on a stream that is not capturing while a CUDA graph is "
+                                "being captured (CUDA invalidates the capture)")
+        self._capture.append(work)
+
+    def host_sync(self, what: str) -> None:
+        """Refuse what would make the host wait for (or copy to or from) the device during capture."""
+        if self._capture is not None:
+            raise EmulatorError(f"{what} during CUDA-graph capture: not capturable (CUDA invalidates "
+                                "the capture)")
 
     def set_reverse_order(self, reverse: bool) -> None:
         """Run blocks, and threads within each block, last to first (True) or in order (False)."""
@@ -227,6 +280,8 @@ class Emulator:
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self.allocator is not None:      # CuPy asks the installed allocator (StepGraph's refuses)
+            self.allocator(nbytes)
         body = _round_up(max(nbytes, 1), 16)
         data_pages = _round_up(body, PAGE) // PAGE
         mm = mmap.mmap(-1, (data_pages + 2) * PAGE)
@@ -239,7 +294,9 @@ class Emulator:
             if _libc.mprotect(page, PAGE, 0) != 0:
                 raise OSError(ctypes.get_errno(), "mprotect failed")
         alloc = _Allocation(mm, base, start, nbytes, end_page, label or f"{dtype}{list(shape)}")
-        self.allocations.append(alloc)
+        # the memory goes (unmapped with alloc.mm) when the last array over it does; NumPy views from
+        # to_host keep the mapping itself alive
+        self._live[start] = weakref.ref(alloc, lambda _, key=start, live=self._live: live.pop(key, None))
         memory = cp.cuda.UnownedMemory(start, max(nbytes, 1), alloc, 0)
         return self.Array(shape, dtype, memptr=cp.cuda.MemoryPointer(memory, 0))
 
@@ -247,12 +304,16 @@ class Emulator:
         return self.empty(shape, dtype, fill=0)
 
     def to_device(self, host, dtype=None, *, label: str = "") -> cp.ndarray:
+        self.host_sync("a host-to-device copy")
         host = np.ascontiguousarray(host if dtype is None else np.asarray(host).astype(dtype))
         dev = self.empty(host.shape, host.dtype, label=label)
         self.to_host(dev)[...] = host
         return dev
 
     def _find(self, ptr: int) -> _Allocation | None:
+        ref = self._live.get(ptr)                    # most pointers are an array's start
+        if ref is not None and ref() is not None:
+            return ref()
         for a in self.allocations:
             if a.start <= ptr < a.start + max(a.nbytes, 1):
                 return a
@@ -322,21 +383,25 @@ class Emulator:
         for dims, what in ((grid, "grid"), (block, "block")):
             if not (1 <= len(dims) <= 3 and all(isinstance(d, (int, np.integer)) for d in dims)):
                 raise EmulatorError(f"{name}: {what} must be 1 to 3 ints, got {dims!r}")
-        argv, keep = self._marshal(name, tuple(args))
+        argv, keep = self._marshal(name, tuple(args))   # by-value arguments are frozen here
         g = (ctypes.c_uint * 3)(*(tuple(int(d) for d in grid) + (1, 1))[:3])
         b = (ctypes.c_uint * 3)(*(tuple(int(d) for d in block) + (1, 1))[:3])
-        error, fault = ctypes.create_string_buffer(1024), ctypes.c_void_p()
-        rc = self.lib.emu_launch(name.encode(), g, b, int(shared_mem), argv, len(args), error, 1024,
-                                 ctypes.byref(fault))
-        del keep
-        self.launches.append(name)
-        if rc == 2:
-            raise EmulatorError(f"{error.value.decode()}: {self._describe(fault.value or 0)}")
-        if rc:
-            raise EmulatorError(error.value.decode())
-        for a in self.allocations:
-            if not a.canaries_intact():
-                raise EmulatorError(f"{name} wrote outside {a.label} (canary bytes changed)")
+
+        def execute():
+            error, fault = ctypes.create_string_buffer(1024), ctypes.c_void_p()
+            rc = self.lib.emu_launch(name.encode(), g, b, int(shared_mem), argv, len(args), error, 1024,
+                                     ctypes.byref(fault))
+            self.launches.append(name)
+            if rc == 2:
+                raise EmulatorError(f"{error.value.decode()}: {self._describe(fault.value or 0)}")
+            if rc:
+                raise EmulatorError(error.value.decode())
+            for a in self.allocations:
+                if not a.canaries_intact():
+                    raise EmulatorError(f"{name} wrote outside {a.label} (canary bytes changed)")
+
+        execute.keep = keep       # the argument buffers live as long as the (possibly recorded) launch
+        self.enqueue(execute)
 
     # ---- CuPy and matmul stand-ins ----
 
@@ -346,7 +411,18 @@ class Emulator:
         return self.to_device(self.to_host(a) if isinstance(a, _NDARRAY) else a, dtype)
 
     def _copyto(self, dst, src, casting="same_kind"):
-        self.to_host(dst)[...] = self.to_host(src) if isinstance(src, _NDARRAY) else src
+        out = self.to_host(dst)
+        if isinstance(src, _NDARRAY):
+            src = self.to_host(src)
+            self.enqueue(lambda: out.__setitem__(Ellipsis, src))
+        else:
+            self.host_sync("a host-to-device copy (copyto)")
+            out[...] = src
+
+    def _memset(self, ptr: int, nbytes: int) -> None:
+        if self._find(ptr) is None:
+            raise EmulatorError(f"memset of 0x{ptr:x}: not emulator memory")
+        self.enqueue(lambda: ctypes.memset(ptr, 0, nbytes))
 
     def _default_handle(self):
         if self.handle is None:
@@ -365,8 +441,9 @@ class Emulator:
         dtype = np.dtype(dtype)
         last = ptr + sum((n - 1) * st for n, st in zip(shape, strides)) * dtype.itemsize
         if min(shape) > 0 and last + dtype.itemsize > alloc.start + alloc.nbytes:
-            raise EmulatorError(f"{what}: {shape} elements with strides {strides} run "
-                                f"{last + dtype.itemsize - alloc.start - alloc.nbytes} bytes past the end of {alloc.label}")
+            over = last + dtype.itemsize - alloc.start - alloc.nbytes
+            raise EmulatorError(f"{what}: {shape} elements with strides {strides} run {over} bytes past "
+                                f"the end of {alloc.label}")
         return np.ndarray(shape, dtype, buffer=alloc.mm, offset=ptr - alloc.base,
                           strides=tuple(st * dtype.itemsize for st in strides))
 
@@ -376,15 +453,21 @@ class Emulator:
         the engine's device calls (arena pool, cuBLASLt handle, synchronize, device name)."""
         import llmpy.gpu.arena
         import llmpy.gpu.engine
+        import llmpy.gpu.graph
         import llmpy.gpu.matmul
         monkeypatch.setattr(K, "launch", self.launch)
         monkeypatch.setattr(cp, "ndarray", self.Array)
         monkeypatch.setattr(cp, "ascontiguousarray", self._asarray)
         monkeypatch.setattr(cp, "get_default_memory_pool", lambda: self.pool)
         monkeypatch.setattr(llmpy.gpu.arena.Arena, "zero_all", lambda arena: arena._memory is not None and
-                            ctypes.memset(arena._memory.ptr, 0, arena.layout.nbytes))
-        monkeypatch.setattr(llmpy.gpu.arena.Arena, "zero", lambda arena, name: ctypes.memset(
-            arena[name].data.ptr, 0, arena[name].nbytes))
+                            self._memset(arena._memory.ptr, arena.layout.nbytes))
+        monkeypatch.setattr(llmpy.gpu.arena.Arena, "zero", lambda arena, name: self._memset(
+            arena[name].data.ptr, arena[name].nbytes))
+        step_graph_init = llmpy.gpu.graph.StepGraph.__init__
+        monkeypatch.setattr(llmpy.gpu.graph.StepGraph, "__init__", lambda graph, *, cuda=None, **kw:
+                            step_graph_init(graph, cuda=cuda or self.cuda, **kw))
+        monkeypatch.setattr(cp.cuda, "get_current_stream", self.cuda.get_current_stream)
+        monkeypatch.setattr(cp.cuda.runtime, "memGetInfo", lambda: (MEMORY_BYTES - self.used_bytes(), MEMORY_BYTES))
         monkeypatch.setattr(cublaslt, "CublasLt", lambda workspace=None, *, tf32=False: EmulatedCublasLt(self, tf32))
         for module in (cublaslt, llmpy.gpu.matmul):     # matmul.py imported these by name
             monkeypatch.setattr(module, "default_handle", self._default_handle)
@@ -411,7 +494,7 @@ class _Pool:
         return self.emu.empty((nbytes,), np.uint8).data
 
     def used_bytes(self) -> int:
-        return 0
+        return self.emu.used_bytes()
 
     def free_all_blocks(self) -> None:
         pass
@@ -455,13 +538,13 @@ class EmulatedCublasLt:
         B = self._flat(b, dtype, plan.b_layout, plan.stride_b, plan.batch, "cuBLASLt B")
         D = self._flat(d, dtype, plan.d_layout, plan.stride_d, plan.batch, "cuBLASLt D")
         if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
-            bias_col = self.emu._view(bias, dtype, (plan.m,), (1,), "bias").astype(np.float32)[:, None]
+            bias_vec = self.emu._view(bias, dtype, (plan.m,), (1,), "bias")
         if epilogue in cublaslt.AUX_EPILOGUES:
             AUX = self._flat(aux, dtype, plan.d_layout, plan.stride_d, plan.batch, "GELU aux")
 
         def apply(acc, i):                           # on the fp32 accumulator, as cuBLASLt does
             if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
-                acc += bias_col
+                acc += bias_vec.astype(np.float32)[:, None]
             if epilogue in cublaslt.AUX_EPILOGUES:
                 pre = colmajor_view(AUX, i * plan.stride_d, *plan.d_layout)
                 if epilogue == cublaslt.EPILOGUE_DGELU:
@@ -473,4 +556,91 @@ class EmulatedCublasLt:
                     acc = out
             return acc
 
-        colmajor_gemm(plan, A, B, D, alpha=alpha, beta=beta, compute=np.float32, epilogue=apply)
+        self.emu.enqueue(lambda: colmajor_gemm(plan, A, B, D, alpha=alpha, beta=beta, compute=np.float32,
+                                               epilogue=apply))
+
+
+# -------------------------------------------------------------------------------------------------
+# Streams, events and graphs
+
+
+class EmulatedCuda:
+    """The part of `cupy.cuda` that llmpy/gpu/graph.py uses (Stream, Event, get_current_stream,
+    using_allocator), over the emulator's single in-order queue: a stream's capture records the work
+    issued while it is current (Emulator.enqueue), and the graph's launch replays the recording."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+        self.null = _Stream(self, "null")
+        self._current = [self.null]
+
+    def Stream(self, non_blocking=False):
+        return _Stream(self, "side")
+
+    def Event(self, disable_timing=False):
+        return _Event()
+
+    def get_current_stream(self):
+        return self._current[-1]
+
+    @contextlib.contextmanager
+    def using_allocator(self, allocator=None):
+        previous, self.emu.allocator = self.emu.allocator, allocator
+        try:
+            yield
+        finally:
+            self.emu.allocator = previous
+
+
+class _Stream:
+    def __init__(self, cuda: EmulatedCuda, name: str):
+        self.cuda, self.name, self._capturing = cuda, name, False
+        self.ptr = id(self)
+
+    def __enter__(self):
+        self.cuda._current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.cuda._current.pop()
+
+    def is_capturing(self) -> bool:
+        return self._capturing
+
+    def begin_capture(self):
+        emu = self.cuda.emu
+        if self is self.cuda.null:
+            raise EmulatorError("cannot capture the legacy null stream")
+        if emu.capturing:
+            raise EmulatorError("a CUDA graph is already being captured")
+        emu._capture, self._capturing = [], True
+
+    def end_capture(self) -> "_Graph":
+        if not self._capturing:
+            raise EmulatorError(f"end_capture on the {self.name} stream, which is not capturing")
+        work, self.cuda.emu._capture, self._capturing = self.cuda.emu._capture, None, False
+        return _Graph(self.cuda.emu, work)
+
+    def wait_event(self, event) -> None:
+        pass                             # one in-order queue: already ordered
+
+    def synchronize(self) -> None:
+        self.cuda.emu.host_sync("stream synchronize")
+
+
+class _Event:
+    def record(self, stream=None) -> None:
+        pass
+
+
+class _Graph:
+    """A recorded capture: launch() runs the work again, with the arguments it was recorded with."""
+
+    def __init__(self, emu: Emulator, work: list):
+        self.emu, self.work = emu, work
+
+    def launch(self, stream=None) -> None:
+        def replay():
+            for item in self.work:
+                item()
+        self.emu.enqueue(replay)

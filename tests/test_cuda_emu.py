@@ -1,7 +1,9 @@
 """The kernel emulator (tests/cuda_emu.py, tests/emu/) is itself right: it runs every instantiation
 the launchers can ask for, computes block reductions correctly, and reports the mistakes it exists
-to catch (bad arguments, out-of-bounds accesses, divergent barriers, uninitialised reads) instead of
-running through them. The kernels' own results are checked in tests/test_gpu_ops.py."""
+to catch (bad arguments, out-of-bounds accesses, divergent barriers, uninitialised reads, freed
+memory, what CUDA refuses during graph capture) instead of running through them, and its graphs
+replay what was captured with the arguments it was captured with. The kernels' own results are
+checked in tests/test_gpu_ops.py, the engine's in tests/test_gpu_engine.py."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -104,3 +106,70 @@ def test_launchers_are_routed_to_the_emulator(emulator):
     gelu.gelu_forward(y, x)
     assert emulator.launches == ["gelu_forward_kernel<float>"]
     assert not np.any(np.isnan(y.get()))
+
+
+def test_memory_is_freed_with_its_last_array(emulator):
+    import cupy as cp
+    pool = cp.get_default_memory_pool()
+    base = pool.used_bytes()
+    a = emulator.empty((1000,))
+    view = a[10:]
+    ptr = view.data.ptr
+    del a
+    assert pool.used_bytes() == base + 4000            # the view keeps the allocation alive
+    emulator.run("sum_kernel", (1,), (1,), (view[:1], view, np.int32(5)))
+    del view
+    assert pool.used_bytes() == base
+    stale = cp.ndarray((5,), np.float32, memptr=cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, 20, None, 0), 0))
+    with pytest.raises(EmulatorError, match="argument 1: pointer is not emulator memory"):
+        emulator.run("sum_kernel", (1,), (1,), (emulator.empty((1,)), stale, np.int32(5)))
+
+
+def test_graph_capture_records_and_replays_with_the_captured_arguments(emulator):
+    cuda = emulator.cuda
+    out = emulator.zeros((8,))
+    side = cuda.Stream(non_blocking=True)
+    with side:
+        side.begin_capture()
+        assert cuda.get_current_stream().is_capturing()
+        emulator.run("fill_kernel", (1,), (32,), (out, np.int32(3)))
+        out[5:].fill(2.0)
+        graph = side.end_capture()
+    assert np.all(emulator.to_host(out) == 0), "capture must record, not run"
+    graph.launch(side)
+    np.testing.assert_array_equal(emulator.to_host(out), [1, 1, 1, 0, 0, 2, 2, 2])
+    out.fill(0)
+    emulator.run("fill_kernel", (1,), (32,), (out, np.int32(1)))     # eager, another n: not the graph's
+    graph.launch(side)                                              # replays n=3, as captured
+    np.testing.assert_array_equal(emulator.to_host(out), [1, 1, 1, 0, 0, 2, 2, 2])
+    assert emulator.launches == ["fill_kernel"] * 3
+
+
+def test_what_cuda_refuses_during_capture_is_refused(emulator):
+    from llmpy.gpu.graph import AllocationDuringCapture, _refuse_allocation
+    cuda = emulator.cuda
+    out = emulator.zeros((4,))
+    side = cuda.Stream(non_blocking=True)
+    refused = {
+        "device-to-host copy": lambda: out.get(),
+        "host-to-device copy": lambda: out.set(np.ones(4, np.float32)),
+        "reduction read back": lambda: float(out.sum()),
+        "stream synchronize": lambda: side.synchronize(),
+    }
+    for what, call in refused.items():
+        with side:
+            side.begin_capture()
+            with pytest.raises(EmulatorError, match=what):
+                call()
+            side.end_capture()
+    with side:
+        side.begin_capture()
+        with cuda.Stream() as other, pytest.raises(EmulatorError, match="stream that is not capturing"):
+            assert not other.is_capturing()
+            emulator.run("fill_kernel", (1,), (32,), (out, np.int32(4)))
+        with cuda.using_allocator(_refuse_allocation), pytest.raises(AllocationDuringCapture):
+            emulator.empty((4,))
+        side.end_capture()
+    emulator.empty((4,))                                            # allowed again after capture
+    with pytest.raises(EmulatorError, match="legacy null stream"):
+        cuda.get_current_stream().begin_capture()

@@ -26,7 +26,7 @@ from llmpy.gpu.mfu import flops_per_token, mfu_percent, peak_tflops  # noqa: E40
 from llmpy.model import (FP32_ACTS, GPT, GPTConfig, act_shapes, carve, grad_act_shapes,  # noqa: E402
                          num_parameters, param_shapes)
 from llmpy.rng import XorShiftStar, init_params  # noqa: E402
-from llmpy.testing import assert_close, bf16_round, requires_gpu  # noqa: E402
+from llmpy.testing import assert_close, bf16_round  # noqa: E402
 
 TINY = GPTConfig(max_seq_len=32, vocab_size=100, padded_vocab_size=128, num_layers=2, num_heads=4,
                  channels=64)
@@ -443,8 +443,7 @@ def test_ten_steps_track_cpu_reference(backend, dtype, tol):                    
     np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
-@requires_gpu
-def test_graph_replay_matches_eager_bitwise():
+def test_graph_replay_matches_eager_bitwise(backend):
     cfg, B, T = TINY, 4, 32
     params = make_params(cfg)
     batches = make_batches(cfg, B, T, n=3)
@@ -470,8 +469,7 @@ def test_resume_is_bit_exact(backend, dtype, tmp_path):
     cfg, B, T = TINY, 4, 32
     batches = make_batches(cfg, B, T, n=4)
     rng = XorShiftStar(13371337)
-    graph = backend == "cuda"               # the emulator cannot capture CUDA graphs
-    with gpu_model(cfg, B, T, make_params(cfg), dtype=dtype, cuda_graph=graph) as model:
+    with gpu_model(cfg, B, T, make_params(cfg), dtype=dtype, cuda_graph=True) as model:
         _, last = train(model, batches, 3, rng)
         state = model.optimizer_state()
         checkpoint.write_checkpoint(str(tmp_path), 3, cfg, model.params_f32(), dtype=model.checkpoint_dtype,
@@ -483,7 +481,7 @@ def test_resume_is_bit_exact(backend, dtype, tmp_path):
     saved = checkpoint.load_state(checkpoint.state_path(str(tmp_path), 3), num_parameters=num_parameters(cfg))
     assert file_cfg == cfg and (saved["master"] is not None) == (dtype == "bf16")
     start = make_params(cfg, seed=7) if dtype == "bf16" else file_params
-    with gpu_model(cfg, B, T, start, dtype=dtype, cuda_graph=graph) as model:
+    with gpu_model(cfg, B, T, start, dtype=dtype, cuda_graph=True) as model:
         model.load_optimizer_state(saved)
         assert np.array_equal(model.params_f32(), file_params), "params after resume"
         rng = XorShiftStar(0)
@@ -516,8 +514,7 @@ class FailingOps:
         self.base.attention_backward(*args, **kwargs)
 
 
-@requires_gpu
-def test_memory_returns_to_baseline_after_close_and_exceptions():
+def test_memory_returns_to_baseline_after_close_and_exceptions(backend):
     import cupy as cp
     from llmpy.gpu import cublaslt
     pool = cp.get_default_memory_pool()
@@ -588,8 +585,6 @@ def test_cli_training_resumes_exactly_on_the_gpu_engine(backend, tmp_path, monke
     out = tmp_path / "run"
     args = test_train.train_args(model, shards, out, 6, "-n", "3")
     args[args.index("--device") + 1] = "cuda"
-    if backend == "emulator":
-        args += ["--cuda-graph", "0"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "device: cuda" in printed and "precision: bf16" in printed
