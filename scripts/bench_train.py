@@ -226,8 +226,10 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool) -> 
         busy = [gpu_busy_step(model, inp_d, tgt_d, args.warmup + args.steps + k + 1, blocker,
                               bu.median(phase_host), graph=graph) for k in range(3)]
         mode = "graph" if graph else "eager"
-        if graph and getattr(model.graph, "disabled", None):
-            mode = f"eager (graph capture failed: {model.graph.disabled})"
+        failed = [f"{what}: {g.disabled}" for what, g in (("step", model.graph), ("update", model.update_graph))
+                  if graph and getattr(g, "disabled", None)]
+        if failed:
+            mode = f"graph, partly eager (capture failed: {'; '.join(failed)})"
         r = summarize(times, inp.size, fpt, peaks.get("gemm_tflops"))
         busy_ms = bu.median([b["busy"] for b in busy])
         r.update(losses=losses, impl=f"llmpy.gpu ({model.dtype.name}, {mode})",

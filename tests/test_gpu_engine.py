@@ -82,6 +82,7 @@ def test_buffer_plan_covers_every_buffer(cfg, B, T, dtype, master, recompute):
     n = num_parameters(cfg)
     expected = {"params": ((n,), dt), "grads": ((n,), dt), "adam_m": ((n,), F32), "adam_v": ((n,), F32),
                 "inp": ((B, T), np.dtype(np.int32)), "targets": ((B, T), np.dtype(np.int32)),
+                "adamw_scalars": ((4,), F32), "adamw_seeds": ((16,), np.dtype(np.uint32)),
                 "norm": ((1,), F32), "lt_workspace": ((LT_WORKSPACE_BYTES,), np.dtype(np.uint8)),
                 "ln_scratch": ((1000,), F32), "encoder_buckets": ((2 * B * T + 1,), np.dtype(np.int32))}
     if master:
@@ -306,7 +307,8 @@ def micro_step(model, inp, tgt, dloss, seed):
 
 def train(model, batches, steps, rng, *, start=0, accum=1, lr=1e-3, eval_batch=None):
     """train.py's step: zero_grad, accum micro-steps (one seed each), mean loss, norm, clip, AdamW
-    with 16 seeds drawn right after saving rng_state_last_update. Returns (losses, last_update_state)."""
+    with 16 seeds drawn right after saving rng_state_last_update; lr warms up over 3 steps, so that it
+    changes between steps as train.py's schedule does. Returns (losses, last_update_state)."""
     B, T = batches[0][0].shape
     losses, last = [], None
     for step in range(start, start + steps):
@@ -321,7 +323,7 @@ def train(model, batches, steps, rng, *, start=0, accum=1, lr=1e-3, eval_batch=N
         norm = model.grad_norm()
         last = rng.state
         seeds = [rng.random_u32() for _ in range(16)]
-        model.update(lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=step + 1,
+        model.update(lr=lr * min(1.0, (step + 1) / 3), beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=step + 1,
                      grad_scale=1.0 / norm if norm > 1.0 else 1.0, seeds=seeds)
     return losses, last
 
@@ -453,8 +455,9 @@ def test_graph_replay_matches_eager_bitwise(backend):
         with gpu_model(cfg, B, T, params, dtype="bf16", cuda_graph=graph) as model:
             losses, _ = train(model, batches, 5, XorShiftStar(13371337), accum=2, eval_batch=eval_batch)
             results[graph] = (losses, model.params_f32(), model.optimizer_state())
-            if graph:
-                assert model.graph.disabled is None and model.graph.replays == 9   # 10 micro-steps, 1 warm-up
+            if graph:   # 10 micro-steps and 5 updates, each with 1 eager warm-up
+                assert model.graph.disabled is None and model.graph.replays == 9
+                assert model.update_graph.disabled is None and model.update_graph.replays == 4
     (l0, p0, s0), (l1, p1, s1) = results[False], results[True]
     assert l1 == l0, "graph losses differ from eager"
     assert np.array_equal(p1, p0) and all(np.array_equal(s1[k], s0[k]) for k in ("m", "v", "master"))

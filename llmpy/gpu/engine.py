@@ -7,7 +7,11 @@ what mixed-precision training on one GPU needs:
     and the cuBLASLt workspace. Other shapes (B=1 sampling, say) take activations from CuPy's pool;
   - AdamW with fp32 master weights and per-tensor stochastic-rounding seeds, and on resume llm.c's
     "init from master", so a resumed run continues bit for bit (llmc-facts.md §2.3, §6.12);
-  - an optional CUDA graph of each micro-step's forward + backward (`StepGraph`, llmpy/gpu/graph.py);
+  - optional CUDA graphs (`StepGraph`, llmpy/gpu/graph.py): one of each micro-step's forward + backward,
+    one of the AdamW update, whose per-step values (lr, the clipping scale, the bias corrections of
+    step t, the 16 rounding seeds) are staged into device buffers before each replay. Between them the
+    global gradient norm runs eagerly and is read back: the loop logs it and needs it on the host for
+    the clipping scale and llm.c's z-score skip, as llm.c's own step does;
   - MFU from llm.c's GPU table (llmpy/gpu/mfu.py), a memory report, and close() / `with`, which give
     every byte back to the pool, also after an exception.
 
@@ -26,7 +30,7 @@ from llmpy.model import (DECAYED, FP32_ACTS, GPT, GPTConfig, act_shapes, carve, 
                          num_parameters, param_shapes)
 from llmpy.rng import XorShiftStar
 
-F32, I32 = np.dtype(np.float32), np.dtype(np.int32)
+F32, I32, U32 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.uint32)
 NUM_TENSORS = 16                       # parameter tensors: one AdamW launch and one seed each
 WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")   # the rest are (L, ...) stacks: one AdamW slice per layer
 LT_WORKSPACE_BYTES = 32 * 1024 * 1024  # cuBLASLt workspace (llm.c: 32 MiB), carved from the arena
@@ -53,7 +57,8 @@ def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bo
     params/grads: dtype; AdamW m, v and master weights: fp32; activations as `act_shapes` (LN statistics
     and losses fp32) prefixed 'act.', with recompute one layer's GELU output shared by all layers
     (llm.c -r 1); activation gradients prefixed 'dact.'; then `scratch` (the ops' own (name, shape,
-    dtype) scratch specs), the token buffers that graph replays read, the norm and the cuBLASLt workspace.
+    dtype) scratch specs), the token buffers and AdamW's step values that graph replays read, the norm
+    and the cuBLASLt workspace.
     """
     dtype, n = np.dtype(dtype), num_parameters(config)
     specs = [("params", (n,), dtype), ("grads", (n,), dtype), ("adam_m", (n,), F32), ("adam_v", (n,), F32)]
@@ -65,7 +70,8 @@ def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bo
         specs.append((f"act.{name}", shape, F32 if name in FP32_ACTS else dtype))
     specs += [(f"dact.{name}", shape, dtype) for name, shape in grad_act_shapes(config, B, T).items()]
     specs += [(name, tuple(shape), np.dtype(dt)) for name, shape, dt in scratch]
-    specs += [("inp", (B, T), I32), ("targets", (B, T), I32), ("norm", (1,), F32),
+    specs += [("inp", (B, T), I32), ("targets", (B, T), I32), ("adamw_scalars", (4,), F32),
+              ("adamw_seeds", (NUM_TENSORS,), U32), ("norm", (1,), F32),
               ("lt_workspace", (LT_WORKSPACE_BYTES,), np.dtype(np.uint8))]
     return specs
 
@@ -213,6 +219,7 @@ class GPUGPT(GPT):
             log(f"gelu fusion: -ge {gelu_fusion} needs model.py support; using 0")
         self._acts, self._closed, self.lt, self._prev_lt = {}, False, None, None
         self.graph = StepGraph(log=log) if cuda_graph else None
+        self.update_graph = StepGraph(log=log) if cuda_graph else None
         scratch = _op_scratch(config, batch_size, seq_len, self.dtype)
         self.arena = Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
                                         master_weights=self.master_weights, recompute=self.recompute_gelu))
@@ -335,14 +342,31 @@ class GPUGPT(GPT):
     def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
                grad_scale: float = 1.0, seeds=None):
         """One AdamW step over the 16 tensors (weight decay on the 2-D ones), reading and writing the
-        fp32 master weights when kept; seeds[i] seeds tensor i's stochastic rounding into bf16."""
+        fp32 master weights when kept; seeds[i] seeds tensor i's stochastic rounding into bf16.
+        grad_scale is the clipping factor (1, or clip / norm). With CUDA graphs on, the 16 launches
+        replay a capture that reads lr, grad_scale, t's bias corrections and the seeds from the arena."""
+        from llmpy.gpu.adamw import step_scalars
+        seeds = np.zeros(NUM_TENSORS, U32) if seeds is None else np.asarray(seeds, dtype=np.int64)
+        if seeds.shape != (NUM_TENSORS,) or seeds.min() < 0 or seeds.max() >= 2**32:
+            raise ValueError(f"seeds: expected {NUM_TENSORS} uint32 values, got {seeds!r}")
+        kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, t=t, grad_scale=grad_scale)
+        if self.update_graph is None:
+            self._adamw(kw, weight_decay, seeds)
+            return
+        scalars, seeds_d = self.arena["adamw_scalars"], self.arena["adamw_seeds"]
+        scalars.set(step_scalars(lr=lr, beta1=beta1, beta2=beta2, t=t, grad_scale=grad_scale))
+        seeds_d.set(seeds.astype(U32))     # both on the current stream, before the replay reads them
+        key = ("adamw", float(beta1), float(beta2), float(eps), float(weight_decay))
+        self.update_graph.run(key, lambda: self._adamw(kw, weight_decay, seeds, scalars, seeds_d))
+
+    def _adamw(self, kw: dict, weight_decay: float, seeds, scalars=None, seeds_d=None):
+        """The 16 launches; with scalars/seeds_d (device) the by-value step values are not used."""
         m, v, master = self._views(self.m), self._views(self.v), self._views(self.master)
         for i, name in enumerate(self.shapes):
-            self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=eps, t=t, grad_scale=grad_scale,
+            self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], **kw,
                                   weight_decay=weight_decay if name in DECAYED else 0.0,
-                                  master=master[name], seed=0 if seeds is None else int(seeds[i]),
-                                  num_slices=self._slices(name))
+                                  master=master[name], seed=int(seeds[i]), num_slices=self._slices(name),
+                                  scalars=scalars, seed_ptr=None if seeds_d is None else seeds_d[i:i + 1])
 
     def init_from_master(self, seeds):
         """params = stochastic_round(master) per tensor, with AdamW's seeds and geometry (resume)."""
@@ -412,8 +436,9 @@ class GPUGPT(GPT):
         try:
             self.synchronize()
         finally:
-            if self.graph is not None:
-                self.graph.close()
+            for graph in (self.graph, self.update_graph):
+                if graph is not None:
+                    graph.close()
             self._acts.clear()
             self.params = self.grads = self.m = self.v = self.master = self.norm = None
             self.p, self.g = {}, {}
