@@ -205,7 +205,8 @@ def completion_losses(model, examples, B: int, T: int, *, progress=None):
         logits = model.forward(xp.asarray(inp))
         for r in range(NUM_COMPLETIONS * len(chunk)):
             pos = np.flatnonzero(mask[r])                       # contiguous: a plain slice of the logits
-            z = _host(logits[r, pos[0]:pos[-1] + 1, :V]).astype(np.float64)     # (n_c, V)
+            # whole Vp-wide rows (one contiguous block: a plain device-to-host copy), then the V real columns
+            z = _host(logits[r, pos[0]:pos[-1] + 1])[:, :V].astype(np.float64)      # (n_c, V)
             zmax = z.max(axis=1)
             lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))       # log-sum-exp per position
             out[start + r // NUM_COMPLETIONS, r % NUM_COMPLETIONS] = np.mean(lse - z[np.arange(pos.size),

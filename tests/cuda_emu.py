@@ -320,15 +320,17 @@ class Emulator:
         return None
 
     def to_host(self, dev) -> np.ndarray:
-        """A writable NumPy view of an emulator array (any C-contiguous view of one)."""
-        if not dev.flags.c_contiguous:
-            raise ValueError("to_host needs a C-contiguous array")
+        """A writable NumPy view of an emulator array (any view of one, with the same strides)."""
         alloc = self._find(dev.data.ptr)
         if alloc is None:
             raise ValueError("not an emulator array")
-        offset = dev.data.ptr - alloc.base
-        n = dev.size
-        return np.frombuffer(alloc.mm, dtype=dev.dtype, count=n, offset=offset).reshape(dev.shape)
+        if dev.size and any(st < 0 for st in dev.strides):
+            raise ValueError("to_host: negative strides are not supported")
+        last = dev.data.ptr + sum((n - 1) * st for n, st in zip(dev.shape, dev.strides)) + dev.itemsize
+        if dev.size and last > alloc.start + alloc.nbytes:
+            raise ValueError(f"to_host: the view runs past the end of {alloc.label}")
+        return np.ndarray(dev.shape, dev.dtype, buffer=alloc.mm, offset=dev.data.ptr - alloc.base,
+                          strides=dev.strides)
 
     def _describe(self, address: int) -> str:
         for a in self.allocations:
