@@ -82,3 +82,42 @@ def test_plot_log_synthetic(tmp_path):
                         "--out", str(out), "--smooth", "5")
     assert "run_a: 30 train, 3 val points" in stdout
     assert out.stat().st_size > 0
+
+
+def _gpu_check(tmp_path, *args, gpu_name="NVIDIA Fake H100 80GB HBM3"):
+    """scripts/gpu_check.sh with a stand-in nvidia-smi (printing gpu_name, or failing when None) and no
+    compute-sanitizer on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + (f"echo '{gpu_name}'\n" if gpu_name else "exit 9\n"))
+    smi.chmod(0o755)
+    path = f"{bin_dir}:/usr/bin:/bin"
+    env = {**os.environ, "PATH": path, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_check_records_each_step_and_refuses_bad_input(tmp_path):
+    out = tmp_path / "res"
+    proc = _gpu_check(tmp_path, "--only", "sanitizer", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["device"] == "NVIDIA Fake H100 80GB HBM3"
+    assert summary["command"] == f"bash scripts/gpu_check.sh --only sanitizer --out {out}"
+    assert summary["steps"] == {"sanitizer": {"exit": "skipped", "seconds": 0, "log": "sanitizer.log",
+                                              "command": "compute-sanitizer not on PATH"}}
+    assert summary["commit"] and summary["date"]
+
+    # a step that fails (here: no device behind the stand-in nvidia-smi) fails the whole check
+    proc = _gpu_check(tmp_path, "--only", "kernels", "--quick", "--out", str(out))
+    assert proc.returncode == 1 and "failed: kernels" in proc.stdout, proc.stdout + proc.stderr
+    step = json.loads((out / "gpu_check.json").read_text())["steps"]["kernels"]
+    assert step["exit"] != 0 and (out / "kernels.log").read_text().strip()
+
+    proc = _gpu_check(tmp_path, "--only", "tests,bogus")
+    assert proc.returncode == 2 and "unknown step 'bogus'" in proc.stderr
+    proc = _gpu_check(tmp_path, "--fast")
+    assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
+    proc = _gpu_check(tmp_path, "--only", "tests", gpu_name=None)
+    assert proc.returncode == 2 and "no NVIDIA GPU" in proc.stderr

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Every check that needs an NVIDIA GPU, in one command, with the results written under one folder:
+#
+#   tests      pytest -m gpu: each kernel against the NumPy reference, the whole model against the CPU,
+#              graph replay vs eager, exact resume, pool back to baseline, cuBLASLt descriptors
+#   sanitizer  compute-sanitizer memcheck over a short bf16 training run (graphs on), if it is on PATH
+#   kernels    scripts/bench_kernels.py --device cuda (every kernel, GPT-2 124M shapes)
+#   matmul     scripts/bench_matmul_sweep.py --device cuda (cuBLASLt vs CuPy's matmul)
+#   train      scripts/bench_train.py --device cuda: GPT-2 124M, T=1024, bf16, the largest B <= 64 that
+#              fits (64, 32, 16, 8 in turn), llmpy eager and graph against torch.compile
+#
+# usage: bash scripts/gpu_check.sh [--only tests,sanitizer,...] [--quick] [--out DIR]
+#   DIR defaults to scripts/results/<gpu name>; DIR/gpu_check.json records each step's exit status,
+#   duration and log file, with the device, date, commit and this command line.
+# Without `pip install` (a machine that has CuPy, ml_dtypes and torch but cannot reach an index), the
+# repository root goes on PYTHONPATH; nvmath-python (cuBLASLt) must then be importable some other way.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+only="tests,sanitizer,kernels,matmul,train"
+quick=""
+out=""
+argv=("$@")
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only) only="$2"; shift 2 ;;
+        --quick) quick="--quick"; shift ;;
+        --out) out="$2"; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+for step in ${only//,/ }; do
+    case "$step" in
+        tests|sanitizer|kernels|matmul|train) ;;
+        *) echo "gpu_check: --only: unknown step '$step' (tests, sanitizer, kernels, matmul, train)" >&2; exit 2 ;;
+    esac
+done
+if ! gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1) || [ -z "$gpu" ]; then
+    echo "gpu_check: no NVIDIA GPU (nvidia-smi found none); these checks need one" >&2
+    exit 2
+fi
+slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
+out=${out:-scripts/results/$slug}
+mkdir -p "$out"
+echo "gpu_check: $gpu; python $($PY -c 'import sys; print(sys.version.split()[0])'); results in $out"
+
+status_file="$out/gpu_check.steps"
+: > "$status_file"
+run_step() {   # name, then the command; its output goes to the console and to $out/<name>.log
+    local name=$1; shift
+    local t0=$SECONDS rc
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >> "$status_file"
+}
+
+wants() { [[ ",$only," == *",$1,"* ]]; }
+
+if wants tests; then
+    run_step tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
+fi
+if wants sanitizer; then
+    if command -v compute-sanitizer > /dev/null; then
+        run_step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+            "$PY" -m llmpy train --device cuda -e d6 -b 4 -t 64 -x 2 -v 0 -s 0 -o "$out/sanitizer_run"
+    else
+        echo "=== sanitizer: compute-sanitizer is not on PATH; skipped"
+        printf 'sanitizer\tskipped\t0\tcompute-sanitizer not on PATH\n' >> "$status_file"
+    fi
+fi
+if wants kernels; then
+    run_step kernels "$PY" scripts/bench_kernels.py --device cuda $quick --out "$out/kernels"
+fi
+if wants matmul; then
+    run_step matmul "$PY" scripts/bench_matmul_sweep.py --device cuda $quick --out "$out/matmul_sweep"
+fi
+if wants train; then
+    if [ -n "$quick" ]; then
+        run_step train "$PY" scripts/bench_train.py --device cuda --quick --out "$out/train"
+    else
+        for B in 64 32 16 8; do   # the largest batch that fits, as the throughput target asks
+            run_step "train_B$B" "$PY" scripts/bench_train.py --device cuda -B "$B" -T 1024 --out "$out/train"
+            [ "$(tail -n1 "$status_file" | cut -f2)" = 0 ] && break
+        done
+    fi
+fi
+
+"$PY" - "$out" "$status_file" "$gpu" "${argv[@]}" <<'PY'
+import json, pathlib, shlex, sys
+sys.path.insert(0, "scripts")
+import benchutil as bu
+out, status_file, gpu, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+steps = {}
+for line in open(status_file):
+    name, rc, seconds, command = line.rstrip("\n").split("\t", 3)
+    steps[name] = {"exit": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(seconds),
+                   "command": command, "log": f"{name}.log"}
+host = bu.run_metadata("cpu", [])
+meta = {"device": gpu, "host_cpu": host["device"], "commit": host["commit"], "date": host["date"],
+        "command": shlex.join(["bash", "scripts/gpu_check.sh", *argv])}
+path = bu.write_json(pathlib.Path(out) / "gpu_check.json", {**meta, "steps": steps})
+failed = [n for n, s in steps.items() if s["exit"] not in (0, "skipped") and not n.startswith("train_B")]
+train = [s["exit"] for n, s in steps.items() if n.startswith("train_B")]
+if train and 0 not in train:
+    failed.append("train (no batch size ran)")
+print(f"gpu_check: {path}; " + ("every step passed" if not failed else f"failed: {', '.join(failed)}"))
+sys.exit(1 if failed else 0)
+PY
