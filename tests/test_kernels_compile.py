@@ -85,9 +85,59 @@ def test_nvcc_compiles_every_instantiation(filename, tmp_path):
     src.write_text(f'#include "{filename}"\nvoid* llmpy_instances[] = {{\n'
                    + "".join(f"    (void*)&{e},\n" for e in K.NAME_EXPRESSIONS[filename]) + "};\n")
     cmd = ["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "--use_fast_math", f"-I{K.CUDA_DIR}",
-           "-o", str(tmp_path / "out.cubin"), str(src)]
+           "--resource-usage", "-o", str(tmp_path / "out.cubin"), str(src)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # ptxas's resource report, one block per kernel: every kernel must launch with 1024 threads (the
+    # largest block a launcher uses) and keep everything in registers, or the GPU would refuse the
+    # launch ("too many resources requested") or run it from local memory
+    usage = parse_resource_usage(result.stdout + result.stderr)
+    assert len(usage) == len(K.NAME_EXPRESSIONS[filename]), usage
+    for kernel, u in usage.items():
+        assert max_threads_per_block(u["registers"]) >= 1024, f"{kernel}: {u['registers']} registers"
+        assert u["spill_stores"] == u["spill_loads"] == 0 and u["stack"] == 0, f"{kernel} spills: {u}"
+        assert u["smem"] <= 48 * 1024, f"{kernel}: {u['smem']} bytes of static shared memory"
+
+
+def parse_resource_usage(text: str) -> dict:
+    """{mangled kernel: registers, smem (static bytes), stack, spill_stores, spill_loads} from the
+    `ptxas info` lines that nvcc --resource-usage prints."""
+    import re
+    usage, current = {}, None
+    for line in text.splitlines():
+        if m := re.search(r"Function properties for (\w+)", line):
+            current = usage.setdefault(m.group(1), {"registers": 0, "smem": 0, "stack": 0, "spill_stores": 0,
+                                                     "spill_loads": 0})
+        elif current is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                                       r"(\d+) bytes spill loads", line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
+            current["registers"] = int(m.group(1))
+            if sm := re.search(r"(\d+) bytes smem", line):
+                current["smem"] = int(sm.group(1))
+    return usage
+
+
+def max_threads_per_block(registers: int) -> int:
+    """The largest block (a multiple of 32) sm_80/sm_90 can launch with `registers` per thread:
+    64K registers per block, allocated per warp in units of 256."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(1024, 65536 // per_warp * 32)
+
+
+def test_resource_usage_parsing_and_register_limit():
+    report = """ptxas info    : Function properties for _Z3fooPf
+    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 72 registers, used 1 barriers, 4096 bytes smem, 380 bytes cmem[0]
+ptxas info    : Function properties for _Z3barPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 56 registers, used 0 barriers, 360 bytes cmem[0]"""
+    assert parse_resource_usage(report) == {
+        "_Z3fooPf": {"registers": 72, "smem": 4096, "stack": 0, "spill_stores": 8, "spill_loads": 4},
+        "_Z3barPf": {"registers": 56, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0}}
+    assert max_threads_per_block(64) == 1024 and max_threads_per_block(56) == 1024
+    assert max_threads_per_block(65) == 896 and max_threads_per_block(72) == 896
+    assert max_threads_per_block(128) == 512 and max_threads_per_block(255) == 256
 
 
 # -------------------------------------------------------------------------------------------------
