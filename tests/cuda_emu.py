@@ -14,6 +14,7 @@ What it checks beyond the arithmetic:
 - memory safety: each array ends exactly at a PROT_NONE guard page (reads or writes past the end
   fault, and the fault is reported with the array it hit), and the bytes around it are a canary,
   checked after every launch (writes into the 16-byte padding or before the start);
+- misaligned 128-bit loads and stores (Packed128's int4 accesses must be 16-byte aligned on a GPU);
 - uninitialised memory: cupy.empty and dynamic shared memory come back filled with 0xff bytes (NaN
   in float32 and bf16), so a kernel that reads what nobody wrote produces NaNs;
 - barriers: a divergent __syncthreads or a shuffle after lanes exited stops the launch with a message;
@@ -65,7 +66,8 @@ PAGE = mmap.PAGESIZE
 CANARY = 0xA5
 MEMORY_BYTES = 80 * 2**30     # the "device" size cupy.cuda.runtime.memGetInfo reports
 CXXFLAGS = ("-std=c++17", "-O1", "-fPIC", "-fno-extern-tls-init", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unknown-pragmas",
-            "-Wno-unused-function", "-Wno-unused-variable")
+            "-Wno-unused-function", "-Wno-unused-variable",
+            "-Wno-class-memaccess")   # Packed128 memcpys its bytes into emu.h's (alignment-checking) int4
 
 _POINTEE = {"f": np.dtype(np.float32), "b": BF16, "i": np.dtype(np.int32), "u": np.dtype(np.uint32)}
 _VALUE = {("f", 4): np.dtype(np.float32), ("i", 4): np.dtype(np.int32), ("u", 4): np.dtype(np.uint32),

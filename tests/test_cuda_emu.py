@@ -1,9 +1,9 @@
 """The kernel emulator (tests/cuda_emu.py, tests/emu/) is itself right: it runs every instantiation
 the launchers can ask for, computes block reductions correctly, and reports the mistakes it exists
-to catch (bad arguments, out-of-bounds accesses, divergent barriers, uninitialised reads, freed
-memory, what CUDA refuses during graph capture) instead of running through them, and its graphs
-replay what was captured with the arguments it was captured with. The kernels' own results are
-checked in tests/test_gpu_ops.py, the engine's in tests/test_gpu_engine.py."""
+to catch (bad arguments, out-of-bounds accesses, misaligned 128-bit accesses, divergent barriers,
+uninitialised reads, freed memory, what CUDA refuses during graph capture) instead of running through
+them, and its graphs replay what was captured with the arguments it was captured with. The kernels'
+own results are checked in tests/test_gpu_ops.py, the engine's in tests/test_gpu_engine.py."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -55,6 +55,17 @@ def test_out_of_bounds_accesses_are_reported(emulator):
     src = emulator.to_device(np.ones(1024, np.float32), label="src")
     with pytest.raises(EmulatorError, match="bytes past the end of src"):
         emulator.run("sum_kernel", (1,), (32,), (out[:1], src, np.int32(1100)))
+
+
+def test_misaligned_128_bit_access_is_reported(emulator):
+    src = emulator.to_device(np.arange(64, dtype=np.float32))
+    out = emulator.empty((32,))
+    with pytest.raises(EmulatorError, match=r"misaligned 128-bit load at 0x[0-9a-f]+4 \(16-byte alignment "
+                                            r"required\) in block \(0,0,0\) thread \(0,0,0\)"):
+        emulator.run("misaligned_load_kernel", (1,), (32,), (out, src))
+    from llmpy.gpu import gelu                      # an aligned x128 kernel runs
+    gelu.gelu_forward(out, src[:32])
+    assert not np.any(np.isnan(emulator.to_host(out)))
 
 
 def test_barrier_mistakes_are_reported(emulator):

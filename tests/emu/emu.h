@@ -12,7 +12,8 @@
 // __syncthreads calls (divergent barriers; threads that have exited are not waited for, as on
 // Volta and later), threads that can never meet (a deadlock), a full-mask shuffle after some lanes of the warp have exited, more
 // dynamic shared memory than a Hopper block may have, and argument lists that do not match the
-// kernel's parameters. Out-of-bounds accesses are caught by the Python side's guard pages.
+// kernel's parameters, and misaligned 128-bit loads and stores. Out-of-bounds accesses are caught by
+// the Python side's guard pages.
 //
 // What it does not model: concurrency between blocks (so it cannot find races between blocks),
 // fast-math approximations (exp/log here are libm's), or timing.
@@ -40,8 +41,22 @@ struct dim3 {
 };
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;    // set by the scheduler for the running fiber
 
+namespace emu {
+void check_aligned(const void* p, size_t bytes, const char* what);   // stops the launch if misaligned
+}
+
+// 16 bytes moved as one: every load or store through an int4 lvalue (Packed128's load128/store128 and
+// the cache-hinted variants) must be 16-byte aligned, as a GPU requires ("misaligned address"). x86
+// would not fault, so the copy constructor (a load from *p) and the assignment (a store to *p) check.
 struct alignas(16) int4 {
     int x, y, z, w;
+    int4() = default;
+    int4(const int4& o) : x(o.x), y(o.y), z(o.z), w(o.w) { emu::check_aligned(&o, 16, "128-bit load"); }
+    int4& operator=(const int4& o) {
+        emu::check_aligned(this, 16, "128-bit store");
+        x = o.x, y = o.y, z = o.z, w = o.w;
+        return *this;
+    }
 };
 
 // ---- bf16 ------------------------------------------------------------------------------------

@@ -224,6 +224,13 @@ void on_segv(int, siginfo_t* info, void*) {
 
 }  // namespace
 
+void check_aligned(const void* p, size_t bytes, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+    char buf[96];
+    snprintf(buf, sizeof buf, "misaligned %s at %p (%zu-byte alignment required) in ", what, p, bytes);
+    fail(buf + where(fibers[current]));
+}
+
 void syncthreads(const char* file, int line) {
     fibers[current].sync_file = file;
     fibers[current].sync_line = line;

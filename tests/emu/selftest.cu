@@ -56,3 +56,9 @@ __global__ void racy_shared_kernel(float* out) {
     slot[threadIdx.x] = float(blockIdx.x * blockDim.x + threadIdx.x);
     out[blockIdx.x * blockDim.x + threadIdx.x] = slot[(threadIdx.x + 1) % blockDim.x];
 }
+
+// a 128-bit load one float past an aligned address: a GPU stops with "misaligned address"
+__global__ void misaligned_load_kernel(float* out, const float* in) {
+    const Packed128<float> v = load128(in + 1);
+    out[threadIdx.x] = v[0];
+}
