@@ -93,7 +93,7 @@ if wants train; then
 fi
 
 "$PY" - "$out" "$status_file" "$gpu" "${argv[@]}" <<'PY'
-import json, pathlib, shlex, sys
+import pathlib, shlex, sys
 sys.path.insert(0, "scripts")
 import benchutil as bu
 out, status_file, gpu, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -113,3 +113,6 @@ if train and 0 not in train:
 print(f"gpu_check: {path}; " + ("every step passed" if not failed else f"failed: {', '.join(failed)}"))
 sys.exit(1 if failed else 0)
 PY
+rc=$?
+rm -f "$status_file"      # its contents are in gpu_check.json now
+exit $rc

@@ -202,6 +202,7 @@ class Emulator:
         self._live: dict[int, weakref.ref] = {}    # data address -> the allocation, while referenced
         self.launches: list[str] = []
         self._capture: list | None = None           # the work recorded by the capturing stream
+        self._capture_stream = None                 # that stream, while one captures
         self.allocator = None                       # set by EmulatedCuda.using_allocator
         self.cuda = EmulatedCuda(self)
         emu = self
@@ -245,10 +246,6 @@ class Emulator:
         return sum(a.nbytes for a in self.allocations)
 
     # ---- streams and graphs: what runs now and what a capture records ----
-
-    @property
-    def capturing(self) -> bool:
-        return self._capture is not None
 
     def enqueue(self, work) -> None:
         """Device work in stream order: run now, or record it while a stream captures (then it must
@@ -314,8 +311,9 @@ class Emulator:
 
     def _find(self, ptr: int) -> _Allocation | None:
         ref = self._live.get(ptr)                    # most pointers are an array's start
-        if ref is not None and ref() is not None:
-            return ref()
+        alloc = ref() if ref is not None else None
+        if alloc is not None:
+            return alloc
         for a in self.allocations:
             if a.start <= ptr < a.start + max(a.nbytes, 1):
                 return a
@@ -323,16 +321,8 @@ class Emulator:
 
     def to_host(self, dev) -> np.ndarray:
         """A writable NumPy view of an emulator array (any view of one, with the same strides)."""
-        alloc = self._find(dev.data.ptr)
-        if alloc is None:
-            raise ValueError("not an emulator array")
-        if dev.size and any(st < 0 for st in dev.strides):
-            raise ValueError("to_host: negative strides are not supported")
-        last = dev.data.ptr + sum((n - 1) * st for n, st in zip(dev.shape, dev.strides)) + dev.itemsize
-        if dev.size and last > alloc.start + alloc.nbytes:
-            raise ValueError(f"to_host: the view runs past the end of {alloc.label}")
-        return np.ndarray(dev.shape, dev.dtype, buffer=alloc.mm, offset=dev.data.ptr - alloc.base,
-                          strides=dev.strides)
+        return self._view(dev.data.ptr, dev.dtype, dev.shape, tuple(st // dev.itemsize for st in dev.strides),
+                          "to_host")
 
     def _describe(self, address: int) -> str:
         for a in self.allocations:
@@ -443,8 +433,12 @@ class Emulator:
         if alloc is None:
             raise EmulatorError(f"{what}: pointer 0x{ptr:x} is not emulator memory")
         dtype = np.dtype(dtype)
+        if 0 in shape:
+            return np.ndarray(shape, dtype)
+        if any(st < 0 for st in strides):
+            raise EmulatorError(f"{what}: negative strides {strides} are not supported")
         last = ptr + sum((n - 1) * st for n, st in zip(shape, strides)) * dtype.itemsize
-        if min(shape) > 0 and last + dtype.itemsize > alloc.start + alloc.nbytes:
+        if last + dtype.itemsize > alloc.start + alloc.nbytes:
             over = last + dtype.itemsize - alloc.start - alloc.nbytes
             raise EmulatorError(f"{what}: {shape} elements with strides {strides} run {over} bytes past "
                                 f"the end of {alloc.label}")
@@ -598,7 +592,7 @@ class EmulatedCuda:
 
 class _Stream:
     def __init__(self, cuda: EmulatedCuda, name: str):
-        self.cuda, self.name, self._capturing = cuda, name, False
+        self.cuda, self.name = cuda, name
         self.ptr = id(self)
 
     def __enter__(self):
@@ -609,21 +603,22 @@ class _Stream:
         self.cuda._current.pop()
 
     def is_capturing(self) -> bool:
-        return self._capturing
+        return self.cuda.emu._capture_stream is self
 
     def begin_capture(self):
         emu = self.cuda.emu
         if self is self.cuda.null:
             raise EmulatorError("cannot capture the legacy null stream")
-        if emu.capturing:
+        if emu._capture_stream is not None:
             raise EmulatorError("a CUDA graph is already being captured")
-        emu._capture, self._capturing = [], True
+        emu._capture, emu._capture_stream = [], self
 
     def end_capture(self) -> "_Graph":
-        if not self._capturing:
+        emu = self.cuda.emu
+        if not self.is_capturing():
             raise EmulatorError(f"end_capture on the {self.name} stream, which is not capturing")
-        work, self.cuda.emu._capture, self._capturing = self.cuda.emu._capture, None, False
-        return _Graph(self.cuda.emu, work)
+        work, emu._capture, emu._capture_stream = emu._capture, None, None
+        return _Graph(emu, work)
 
     def wait_event(self, event) -> None:
         pass                             # one in-order queue: already ordered

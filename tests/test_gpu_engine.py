@@ -323,8 +323,8 @@ def train(model, batches, steps, rng, *, start=0, accum=1, lr=1e-3, eval_batch=N
         norm = model.grad_norm()
         last = rng.state
         seeds = [rng.random_u32() for _ in range(16)]
-        model.update(lr=lr * min(1.0, (step + 1) / 3), beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=step + 1,
-                     grad_scale=1.0 / norm if norm > 1.0 else 1.0, seeds=seeds)
+        model.update(lr=lr * min(1.0, (step + 1) / 3), beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                     t=step + 1, grad_scale=1.0 / norm if norm > 1.0 else 1.0, seeds=seeds)
     return losses, last
 
 
