@@ -5,13 +5,19 @@
    aux pointers, batch strides), alpha/beta, the workspace, and that descriptors and the heuristic are
    built once per shape and never during graph capture. The arrays are CuPy arrays over made-up device
    addresses: nothing is dereferenced.
-2. With nvmath-python and libcublasLt loadable (a GPU machine, or a dev box with the nvidia-cublas wheel
-   and a driver), the real library accepts the descriptors and layouts and reads back what was set.
+2. With nvmath-python and libcublasLt (the nvidia-cublas wheel), the real library accepts the descriptors
+   and layouts and reads back what was set, and the heuristic and matmul calls, with llmpy's argument
+   lists, pass the bindings and reach cuBLASLt. No GPU is needed; without a driver these run in a child
+   process with a stub libcuda.so.1 (see below).
 """
 import ctypes
 import math
+import os
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,17 +266,59 @@ def test_close_and_set_workspace_free_descriptors(env):
 
 
 # -------------------------------------------------------------------------------------------------
-# The real library: descriptors and layouts need no GPU, only a loadable libcublasLt
+# The real library. Descriptors and layouts are host objects: they need libcublasLt, not a GPU. nvmath
+# only asks the driver (libcuda.so.1) for its CUDA version, to pick the library's major version. Without a
+# driver, these tests run again in a child process whose libcuda.so.1 is a stub that answers only that
+# question (built here with gcc), so CI checks llmpy's calls against the real bindings and library.
+
+_STUB_DRIVER_ENV = "LLMPY_TEST_STUB_LIBCUDA"
+_STUB_DRIVER_SOURCE = "int cuDriverGetVersion(int *version) { *version = 13000; return 0; }\n"
 
 
-def _real_cublaslt():
+def _load_real_cublaslt():
+    """nvmath's cuBLASLt bindings with the library loaded, or None when only the driver is missing."""
     try:
         from nvmath.bindings import cublasLt as lt
-        lt.get_version()  # loads libcublasLt (nvmath asks the driver which CUDA major to load)
-        return lt
+    except ImportError as e:
+        pytest.skip(f"nvmath-python is needed: {e}")
+    try:
+        lt.get_version()  # loads libcublasLt
     except Exception as e:
-        pytest.skip(f"nvmath-python with a loadable libcublasLt is needed: {e}")
+        if "libcuda" not in str(e) or os.environ.get(_STUB_DRIVER_ENV):
+            pytest.skip(f"libcublasLt does not load: {e}")
+        return None
+    return lt
 
+
+@pytest.fixture(scope="module")
+def stub_driver_run(request, tmp_path_factory):
+    """Output of this module's real-library tests, run in a child process with the stub libcuda.so.1."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no driver, and no C compiler to build the stub libcuda.so.1")
+    stub_dir = tmp_path_factory.mktemp("stub_libcuda")
+    (stub_dir / "stub.c").write_text(_STUB_DRIVER_SOURCE)
+    subprocess.run([gcc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub_dir / "libcuda.so.1"),
+                    str(stub_dir / "stub.c")], check=True)
+    env = dict(os.environ, **{_STUB_DRIVER_ENV: "1"})
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stub_dir), env.get("LD_LIBRARY_PATH")]))
+    module = Path(__file__).resolve().relative_to(request.config.rootpath).as_posix()
+    tests = [f"{module}::{name}" for name in ("test_real_descriptors_read_back", "test_calls_reach_the_real_library")]
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *tests],
+                           cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=300)
+    return child.stdout + child.stderr
+
+
+@pytest.fixture
+def real_lt(request):
+    """The real bindings; None when this test already ran (and passed) in the stub-driver child."""
+    lt = _load_real_cublaslt()
+    if lt is not None:
+        return lt
+    output = request.getfixturevalue("stub_driver_run")
+    if f"PASSED {request.node.nodeid}" not in output.splitlines():
+        pytest.fail(f"{request.node.nodeid} did not pass with the stub libcuda.so.1:\n{output[-4000:]}")
+    return None
 
 def _get(getter, obj, attr, dtype):
     buf, written = np.zeros(1, dtype), np.zeros(1, np.uint64)
@@ -280,8 +328,10 @@ def _get(getter, obj, attr, dtype):
 
 
 @pytest.mark.parametrize("case", ["forward_bias", "forward_gelu", "dinp_dgelu", "batched"])
-def test_real_descriptors_read_back(case):
-    lt = _real_cublaslt()
+def test_real_descriptors_read_back(case, real_lt):
+    lt = real_lt
+    if lt is None:
+        return  # passed in the stub-driver child (the fixture checked)
     plans = {
         "forward_bias": (matmul.gemm_plan_forward((64, 2304), (64, 768), (2304, 768)), matmul.EPILOGUE_BIAS, True),
         "forward_gelu": (matmul.gemm_plan_forward((64, 3072), (64, 768), (3072, 768)),
@@ -319,3 +369,74 @@ def test_real_descriptors_read_back(case):
                 assert _get(get_lay, layout, LA.STRIDED_BATCH_OFFSET, lay_dtype(LA.STRIDED_BATCH_OFFSET)) == stride
     finally:
         entry.destroy()
+
+
+NOT_INITIALIZED = 1  # CUBLAS_STATUS_NOT_INITIALIZED (cublas_api.h)
+
+
+class _NoDeviceLt:
+    """The real bindings with no handle: cublasLtCreate needs a GPU. The heuristic and the matmul get
+    the real descriptors and llmpy's argument lists; the library answers NOT_INITIALIZED (handle 0), which
+    shows the call passed the bindings' signature and types and reached cublasLt. The heuristic is then
+    taken to have found one algorithm."""
+
+    def __init__(self, lt):
+        self._lt, self.reached = lt, []
+
+    def __getattr__(self, name):
+        return getattr(self._lt, name)
+
+    def create(self):
+        return 0
+
+    def destroy(self, handle):
+        assert handle == 0
+
+    def _reach(self, name, function, args):
+        with pytest.raises(self._lt.cuBLASLtError) as error:
+            function(*args)
+        assert error.value.status == NOT_INITIALIZED, error.value
+        self.reached.append(name)
+
+    def matmul_algo_get_heuristic(self, *args):
+        self._reach("heuristic", self._lt.matmul_algo_get_heuristic, args)
+        ctypes.c_int32.from_address(args[-1]).value = 1
+
+    def matmul(self, *args):
+        self._reach("matmul", self._lt.matmul, args)
+
+
+@pytest.mark.parametrize("case", ["forward_bias_fp32", "forward_gelu_bf16", "backward_dgelu_bf16", "batched_bf16"])
+def test_calls_reach_the_real_library(case, real_lt, monkeypatch):
+    if real_lt is None:
+        return  # passed in the stub-driver child (the fixture checked)
+    import ml_dtypes
+    lt, arrays = _NoDeviceLt(real_lt), _Arrays()
+    monkeypatch.setattr(cublaslt, "_load_cublaslt", lambda: lt)
+    monkeypatch.setattr(cublaslt, "_current_stream", lambda: FakeStream())
+    handle = cublaslt.CublasLt(arrays((cublaslt.WORKSPACE_BYTES,), np.uint8))
+    dt = np.float32 if case.endswith("fp32") else ml_dtypes.bfloat16
+    BT, C, OC = 64, 768, 3072
+    try:
+        for _ in range(2):  # the second call reuses the cached descriptors: only the matmul runs
+            if case.startswith("forward"):
+                gelu = arrays((BT, OC), dt) if "gelu" in case else None
+                matmul.matmul_forward(arrays((BT, OC), dt), arrays((BT, C), dt), arrays((OC, C), dt),
+                                      arrays((OC,), dt), gelu_aux=gelu, handle=handle)
+            elif case.startswith("backward"):
+                bias_module = types.ModuleType("llmpy.gpu.bias")
+                bias_module.matmul_bias_backward = lambda dbias, dout: None
+                monkeypatch.setitem(sys.modules, "llmpy.gpu.bias", bias_module)
+                matmul.matmul_backward(arrays((BT, C), dt), arrays((OC, C), dt), arrays((OC,), dt),
+                                       arrays((BT, OC), dt), arrays((BT, C), dt), arrays((OC, C), dt),
+                                       gelu_aux=arrays((BT, C), dt), handle=handle)
+            else:
+                q, k = arrays((4, 12, 64, 64), dt), arrays((4, 12, 64, 64), dt)
+                matmul.batched_matmul(arrays((4, 12, 64, 64), dt), q, k, transa=False, transb=True, alpha=0.125,
+                                      handle=handle)
+        per_call = 2 if case.startswith("backward") else 1  # dinp and dweight
+        assert lt.reached == ["heuristic", "matmul"] * per_call + ["matmul"] * per_call
+        assert len(handle._cache) == per_call
+    finally:
+        handle.close()
+    assert handle._cache == {}
