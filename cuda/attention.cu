@@ -10,9 +10,12 @@
 //                                 j <= t; 0 for j > t
 //   unpermute_backward_kernel<T>: dy[b,h,t,d] = dout[b,t,h*HS + d]
 //   permute_backward_kernel<T>:   dinp[b,t,s*C + h*HS + d] = dqkvr[s,b,h,t,d]    (overwrites dinp)
+//   softmax_forward128_kernel<T>, softmax_backward128_kernel<T>: the same two, for T a multiple of
+//                                 Packed128<T>::size (8 bf16, 4 float) with 16-byte aligned arrays
 // Thread mapping: the permutes use one thread per element (index walks the destination, so stores
-// are coalesced), 3 elements per thread for the q/k/v ones; the softmaxes use one warp per row,
-// lanes striding over columns (any T; scalar loads, coalesced across the warp), fp32 online softmax.
+// are coalesced), 3 elements per thread for the q/k/v ones; the softmaxes use one warp per row, fp32
+// online softmax. The plain ones stride their lanes over single columns (any T); the 128 ones move
+// 16 bytes per lane (a warp covers 32 chunks), and skip reading chunks that start after column t.
 // All memory bound. The softmax kernels may run in place (att == preatt, dpreatt == datt): every lane
 // reads all its columns before writing them, and no other lane touches those columns.
 #include "common.cuh"
@@ -123,5 +126,85 @@ __global__ void softmax_backward_kernel(T* dpreatt, const T* datt, const T* att,
     for (int j = lane; j < T_; j += WARP_SIZE) {
         const float g = j <= t ? scale * to_float(att[offset + j]) * (to_float(datt[offset + j]) - dot) : 0.0f;
         dpreatt[offset + j] = from_float<T>(g);
+    }
+}
+
+// Vectorised rows: lane l owns chunks l, l + 32, ... of Packed128<T>::size columns. T_ is a multiple
+// of the chunk size and the arrays are 16-byte aligned (the launcher checks), so every chunk is
+// in bounds and aligned. A chunk that starts at or before column t is read whole; its columns after
+// t are masked.
+template <class T>
+__global__ void softmax_forward128_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
+    constexpr int V = Packed128<T>::size;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= rows) return;
+    const int t = row % T_;
+    const T* x = preatt + (size_t)row * T_;
+    T* y = att + (size_t)row * T_;
+    float m = neg_infinity(), s = 0.0f;
+    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
+        const Packed128<T> p = load128(x + j0);
+        float chunk_max = to_float(p[0]);                 // column j0 <= t always counts
+        for (int k = 1; k < V; k++) {
+            if (j0 + k <= t) chunk_max = fmaxf(chunk_max, to_float(p[k]));
+        }
+        if (chunk_max > m) {
+            s *= __expf(scale * (m - chunk_max));         // m = -inf: s was 0 and stays 0
+            m = chunk_max;
+        }
+        for (int k = 0; k < V; k++) {
+            if (j0 + k <= t) s += __expf(scale * (to_float(p[k]) - m));
+        }
+    }
+    const float row_max = warp_max(m);
+    s *= __expf(scale * (m - row_max));
+    const float inv_sum = 1.0f / warp_sum(s);
+    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
+        Packed128<T> out;
+        if (j0 <= t) {
+            const Packed128<T> p = load128(x + j0);
+            for (int k = 0; k < V; k++) {
+                const float e = j0 + k <= t ? __expf(scale * (to_float(p[k]) - row_max)) * inv_sum : 0.0f;
+                out[k] = from_float<T>(e);
+            }
+        } else {
+            for (int k = 0; k < V; k++) out[k] = from_float<T>(0.0f);
+        }
+        store128(y + j0, out);
+    }
+}
+
+template <class T>
+__global__ void softmax_backward128_kernel(T* dpreatt, const T* datt, const T* att, float scale,
+                                           int rows, int T_) {
+    constexpr int V = Packed128<T>::size;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= rows) return;
+    const int t = row % T_;
+    const size_t offset = (size_t)row * T_;
+    float dot = 0.0f;
+    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
+        const Packed128<T> a = load128(att + offset + j0);
+        const Packed128<T> d = load128(datt + offset + j0);
+        for (int k = 0; k < V; k++) {
+            if (j0 + k <= t) dot += to_float(a[k]) * to_float(d[k]);
+        }
+    }
+    dot = warp_sum(dot);
+    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
+        Packed128<T> out;
+        if (j0 <= t) {
+            const Packed128<T> a = load128(att + offset + j0);
+            const Packed128<T> d = load128(datt + offset + j0);
+            for (int k = 0; k < V; k++) {
+                const float g = j0 + k <= t ? scale * to_float(a[k]) * (to_float(d[k]) - dot) : 0.0f;
+                out[k] = from_float<T>(g);
+            }
+        } else {
+            for (int k = 0; k < V; k++) out[k] = from_float<T>(0.0f);
+        }
+        store128(dpreatt + offset + j0, out);
     }
 }

@@ -218,7 +218,8 @@ def _upper_triangle_is_zero(got, size):
 ENC_SIZES = (dict(B=4, T=64, C=768, V=1000, maxT=128), dict(B=3, T=5, C=24, V=7, maxT=8))
 LN_SIZES = (dict(N=4 * 64, C=768), dict(N=21, C=40), dict(N=2 * 16, C=1600))
 EW_SIZES = (dict(shape=(4, 64, 3072)), dict(shape=(37,)), dict(shape=(3, 5, 7)))
-ATT_SIZES = (dict(B=4, T=64, NH=12, HS=64), dict(B=2, T=40, NH=3, HS=16))
+ATT_SIZES = (dict(B=4, T=64, NH=12, HS=64), dict(B=2, T=40, NH=3, HS=16),   # 128-bit softmax rows
+             dict(B=2, T=13, NH=2, HS=8))                                        # scalar softmax rows
 ADAMW_KW = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=3, grad_scale=0.5)
 BF16_INTERMEDIATES = 3.0   # attention stores preatt/att/dy/datt in the storage type between
                            # matmuls; lowp (float32 throughout) does not round those

@@ -345,8 +345,8 @@ def test_attention_launchers(launches, monkeypatch):
     inp, qkvr, att, out = (fake((B, T, 3 * C), BF16), fake((3, B, NH, T, HS), BF16),
                            fake((B, NH, T, T), BF16), fake((B, T, C), BF16))
     attention.attention_forward(out, qkvr, att, inp)
-    assert [c["name"].split("<")[0] for c in launches] == ["permute_kernel", "softmax_forward_kernel",
-                                                          "unpermute_kernel"]
+    assert [c["name"].split("<")[0] for c in launches] == ["permute_kernel", "softmax_forward128_kernel",
+                                                          "unpermute_kernel"]  # T = 40: whole chunks of 8
     softmax = launches[1]
     assert softmax["grid"] == (K.ceil_div(B * NH * T, 8),)
     assert softmax["args"][2].dtype == np.float32 and softmax["args"][2] == np.float32(0.25)
@@ -360,7 +360,7 @@ def test_attention_launchers(launches, monkeypatch):
                                   fake((B, NH, T, HS), BF16))
     attention.attention_backward(dinp, dqkvr, datt, scratch, out, qkvr, att)
     assert [c["name"].split("<")[0] for c in launches] == ["unpermute_backward_kernel",
-                                                          "softmax_backward_kernel", "permute_backward_kernel"]
+                                                          "softmax_backward128_kernel", "permute_backward_kernel"]
     assert [(p[3]["transa"], p[3]["transb"]) for p in products] == [(False, True), (True, False),
                                                                     (False, False), (True, False)]
     with pytest.raises(ValueError, match=r"^att: shape \(2, 3, 40, 41\)"):
@@ -369,6 +369,12 @@ def test_attention_launchers(launches, monkeypatch):
         attention.attention_forward(out, qkvr, att, fake((B, T, 3 * C + 8), BF16))
     with pytest.raises(ValueError, match="^scratch: dtype float32"):
         attention.attention_backward(dinp, dqkvr, datt, fake((B, NH, T, HS)), out, qkvr, att)
+    # rows that are not whole 16-byte chunks (bf16 T = 13; float T = 6) take the per-column kernels
+    assert attention.softmax_kernel_name("softmax_forward_kernel", BF16, 13) == \
+        "softmax_forward_kernel<__nv_bfloat16>"
+    assert attention.softmax_kernel_name("softmax_backward_kernel", np.float32, 6) == "softmax_backward_kernel<float>"
+    assert attention.softmax_kernel_name("softmax_backward_kernel", np.float32, 12) == \
+        "softmax_backward128_kernel<float>"
 
 
 def test_classifier_launcher(launches):

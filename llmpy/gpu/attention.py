@@ -43,6 +43,14 @@ def softmax_grid(rows: int, block_size: int) -> tuple[int]:
     return K.grid_1d(rows, block_size // 32)
 
 
+def softmax_kernel_name(base: str, dtype, T: int) -> str:
+    """The 128-bit variant of softmax_{forward,backward}_kernel when rows of T elements keep every
+    16-byte chunk aligned (T a multiple of 8 bf16 or 4 float; check_floats checked the pointers)."""
+    if T % K.x128_elems(dtype) == 0:
+        base = base.replace("_kernel", "128_kernel")
+    return K.template_name(base, dtype)
+
+
 def attention_forward(out, qkvr, att, inp, *, scratch=None, block_size=BLOCK_SIZE,
                       softmax_block_size=SOFTMAX_BLOCK_SIZE):
     """Causal self-attention from packed q|k|v.
@@ -73,7 +81,7 @@ def attention_forward(out, qkvr, att, inp, *, scratch=None, block_size=BLOCK_SIZ
 
     _launch_permute("permute_kernel", qkvr, inp, dtype, B, T, NH, HS, block_size)
     batched_matmul(att3, q, k, transa=False, transb=True)        # preatt = q k^T (unscaled), in att
-    K.launch("attention.cu", K.template_name("softmax_forward_kernel", dtype),
+    K.launch("attention.cu", softmax_kernel_name("softmax_forward_kernel", dtype, T),
              softmax_grid(B * NH * T, softmax_block_size), (softmax_block_size,),
              (att, att, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T)))
     batched_matmul(_heads3(y), att3, v, transa=False, transb=False)   # y = att v
@@ -106,7 +114,7 @@ def attention_backward(dinp, dqkvr, datt, scratch, dout, qkvr, att, *, block_siz
     _launch_permute("unpermute_backward_kernel", scratch, dout, dtype, B, T, NH, HS, block_size)
     batched_matmul(datt3, dy, v, transa=False, transb=True)       # datt = dy v^T
     batched_matmul(dv, att3, dy, transa=True, transb=False)       # dv = att^T dy
-    K.launch("attention.cu", K.template_name("softmax_backward_kernel", dtype),
+    K.launch("attention.cu", softmax_kernel_name("softmax_backward_kernel", dtype, T),
              softmax_grid(B * NH * T, softmax_block_size), (softmax_block_size,),
              (datt, datt, att, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T)))
     batched_matmul(dq, datt3, k, transa=False, transb=False)      # dq = dpreatt k
