@@ -14,9 +14,8 @@
 //                                 Packed128<T>::size (8 bf16, 4 float) with 16-byte aligned arrays
 // Thread mapping: the permutes use one thread per element (index walks the destination, so stores
 // are coalesced), 3 elements per thread for the q/k/v ones; the softmaxes use one warp per row, fp32
-// online softmax. The plain ones stride their lanes over single columns (any T); the 128 ones move
-// 16 bytes per lane (a warp covers 32 chunks), and skip reading chunks that start after column t.
-// All memory bound. The softmax kernels may run in place (att == preatt, dpreatt == datt): every lane
+// online softmax, one routine for both chunk widths (single columns, or 16 bytes per lane in the
+// 128 kernels). All memory bound. The softmax kernels may run in place (att == preatt, dpreatt == datt): every lane
 // reads all its columns before writing them, and no other lane touches those columns.
 #include "common.cuh"
 
@@ -84,127 +83,129 @@ __global__ void unpermute_backward_kernel(T* dy, const T* dout, int B, int T_, i
 // ---------------------------------------------------------------------------------------------
 // softmax over causal rows
 
-// rows = B*NH*T; row r has t = r % T and uses columns 0..t.
-template <class T>
-__global__ void softmax_forward_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
-    const int lane = threadIdx.x % WARP_SIZE;
+// rows = B*NH*T; row r has t = r % T and uses columns 0..t. Warp w of the grid owns row w; lane l
+// owns the chunks l, l + 32, ... of V columns each. V = 1 (any T, scalar loads, coalesced across the
+// warp) or V = Packed128<T>::size (one 16-byte load; T a multiple of V and 16-byte aligned arrays,
+// which the launcher checks, keep every chunk inside its row and aligned). A chunk that starts at or
+// before column t is read whole and its columns after t are masked; later chunks are not read.
+
+template <class T, int V>
+struct Chunk {
+    T v[V];
+    __device__ __forceinline__ float operator[](int k) const { return to_float(v[k]); }
+};
+
+template <class T, int V>
+__device__ __forceinline__ Chunk<T, V> load_chunk(const T* p) {
+    Chunk<T, V> c;
+    if constexpr (V == 1) {
+        c.v[0] = *p;
+    } else {
+        static_assert(V == Packed128<T>::size, "a chunk is one element or 16 bytes");
+        const Packed128<T> packed = load128(p);
+        for (int k = 0; k < V; k++) c.v[k] = packed[k];
+    }
+    return c;
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_chunk(T* p, const float (&x)[V]) {
+    if constexpr (V == 1) {
+        *p = from_float<T>(x[0]);
+    } else {
+        Packed128<T> packed;
+        for (int k = 0; k < V; k++) packed[k] = from_float<T>(x[k]);
+        store128(p, packed);
+    }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void softmax_forward_row(T* att, const T* preatt, float scale, int rows, int T_) {
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     const int t = row % T_;
-    const T* x = preatt + (size_t)row * T_;
+    const T* x = preatt + (size_t)row * T_;             // x and y may be the same row (in place)
     T* y = att + (size_t)row * T_;
     // online softmax over this lane's columns: running max m, sum s of exp(scale (x - m))
     float m = neg_infinity(), s = 0.0f;
-    for (int j = lane; j <= t; j += WARP_SIZE) {
-        const float v = to_float(x[j]);
-        if (v > m) {
-            s *= __expf(scale * (m - v));
-            m = v;
+    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
+        const Chunk<T, V> c = load_chunk<T, V>(x + j0);
+        float chunk_max = c[0];                          // column j0 <= t always counts
+        for (int k = 1; k < V; k++) {
+            if (j0 + k <= t) chunk_max = fmaxf(chunk_max, c[k]);
         }
-        s += __expf(scale * (v - m));
+        if (chunk_max > m) {
+            s *= __expf(scale * (m - chunk_max));        // m = -inf: s was 0 and stays 0
+            m = chunk_max;
+        }
+        for (int k = 0; k < V; k++) {
+            if (j0 + k <= t) s += __expf(scale * (c[k] - m));
+        }
     }
     const float row_max = warp_max(m);
     s *= __expf(scale * (m - row_max));                 // a lane with no columns has s = 0
     const float inv_sum = 1.0f / warp_sum(s);
-    for (int j = lane; j < T_; j += WARP_SIZE) {
-        const float p = j <= t ? __expf(scale * (to_float(x[j]) - row_max)) * inv_sum : 0.0f;
-        y[j] = from_float<T>(p);
+    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
+        float p[V];
+        for (int k = 0; k < V; k++) p[k] = 0.0f;
+        if (j0 <= t) {
+            const Chunk<T, V> c = load_chunk<T, V>(x + j0);
+            for (int k = 0; k < V; k++) {
+                if (j0 + k <= t) p[k] = __expf(scale * (c[k] - row_max)) * inv_sum;
+            }
+        }
+        store_chunk<T, V>(y + j0, p);
     }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void softmax_backward_row(T* dpreatt, const T* datt, const T* att, float scale,
+                                                     int rows, int T_) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    const int t = row % T_;
+    const size_t offset = (size_t)row * T_;
+    float dot = 0.0f;
+    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
+        const Chunk<T, V> a = load_chunk<T, V>(att + offset + j0), d = load_chunk<T, V>(datt + offset + j0);
+        for (int k = 0; k < V; k++) {
+            if (j0 + k <= t) dot += a[k] * d[k];
+        }
+    }
+    dot = warp_sum(dot);
+    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
+        float g[V];
+        for (int k = 0; k < V; k++) g[k] = 0.0f;
+        if (j0 <= t) {
+            const Chunk<T, V> a = load_chunk<T, V>(att + offset + j0), d = load_chunk<T, V>(datt + offset + j0);
+            for (int k = 0; k < V; k++) {
+                if (j0 + k <= t) g[k] = scale * a[k] * (d[k] - dot);
+            }
+        }
+        store_chunk<T, V>(dpreatt + offset + j0, g);
+    }
+}
+
+template <class T>
+__global__ void softmax_forward_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
+    softmax_forward_row<T, 1>(att, preatt, scale, rows, T_);
+}
+
+template <class T>
+__global__ void softmax_forward128_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
+    softmax_forward_row<T, Packed128<T>::size>(att, preatt, scale, rows, T_);
 }
 
 template <class T>
 __global__ void softmax_backward_kernel(T* dpreatt, const T* datt, const T* att, float scale,
                                         int rows, int T_) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= rows) return;
-    const int t = row % T_;
-    const size_t offset = (size_t)row * T_;
-    float dot = 0.0f;
-    for (int j = lane; j <= t; j += WARP_SIZE) dot += to_float(att[offset + j]) * to_float(datt[offset + j]);
-    dot = warp_sum(dot);
-    for (int j = lane; j < T_; j += WARP_SIZE) {
-        const float g = j <= t ? scale * to_float(att[offset + j]) * (to_float(datt[offset + j]) - dot) : 0.0f;
-        dpreatt[offset + j] = from_float<T>(g);
-    }
-}
-
-// Vectorised rows: lane l owns chunks l, l + 32, ... of Packed128<T>::size columns. T_ is a multiple
-// of the chunk size and the arrays are 16-byte aligned (the launcher checks), so every chunk is
-// in bounds and aligned. A chunk that starts at or before column t is read whole; its columns after
-// t are masked.
-template <class T>
-__global__ void softmax_forward128_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
-    constexpr int V = Packed128<T>::size;
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= rows) return;
-    const int t = row % T_;
-    const T* x = preatt + (size_t)row * T_;
-    T* y = att + (size_t)row * T_;
-    float m = neg_infinity(), s = 0.0f;
-    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
-        const Packed128<T> p = load128(x + j0);
-        float chunk_max = to_float(p[0]);                 // column j0 <= t always counts
-        for (int k = 1; k < V; k++) {
-            if (j0 + k <= t) chunk_max = fmaxf(chunk_max, to_float(p[k]));
-        }
-        if (chunk_max > m) {
-            s *= __expf(scale * (m - chunk_max));         // m = -inf: s was 0 and stays 0
-            m = chunk_max;
-        }
-        for (int k = 0; k < V; k++) {
-            if (j0 + k <= t) s += __expf(scale * (to_float(p[k]) - m));
-        }
-    }
-    const float row_max = warp_max(m);
-    s *= __expf(scale * (m - row_max));
-    const float inv_sum = 1.0f / warp_sum(s);
-    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
-        Packed128<T> out;
-        if (j0 <= t) {
-            const Packed128<T> p = load128(x + j0);
-            for (int k = 0; k < V; k++) {
-                const float e = j0 + k <= t ? __expf(scale * (to_float(p[k]) - row_max)) * inv_sum : 0.0f;
-                out[k] = from_float<T>(e);
-            }
-        } else {
-            for (int k = 0; k < V; k++) out[k] = from_float<T>(0.0f);
-        }
-        store128(y + j0, out);
-    }
+    softmax_backward_row<T, 1>(dpreatt, datt, att, scale, rows, T_);
 }
 
 template <class T>
 __global__ void softmax_backward128_kernel(T* dpreatt, const T* datt, const T* att, float scale,
                                            int rows, int T_) {
-    constexpr int V = Packed128<T>::size;
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= rows) return;
-    const int t = row % T_;
-    const size_t offset = (size_t)row * T_;
-    float dot = 0.0f;
-    for (int j0 = lane * V; j0 <= t; j0 += WARP_SIZE * V) {
-        const Packed128<T> a = load128(att + offset + j0);
-        const Packed128<T> d = load128(datt + offset + j0);
-        for (int k = 0; k < V; k++) {
-            if (j0 + k <= t) dot += to_float(a[k]) * to_float(d[k]);
-        }
-    }
-    dot = warp_sum(dot);
-    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
-        Packed128<T> out;
-        if (j0 <= t) {
-            const Packed128<T> a = load128(att + offset + j0);
-            const Packed128<T> d = load128(datt + offset + j0);
-            for (int k = 0; k < V; k++) {
-                const float g = j0 + k <= t ? scale * to_float(a[k]) * (to_float(d[k]) - dot) : 0.0f;
-                out[k] = from_float<T>(g);
-            }
-        } else {
-            for (int k = 0; k < V; k++) out[k] = from_float<T>(0.0f);
-        }
-        store128(dpreatt + offset + j0, out);
-    }
+    softmax_backward_row<T, Packed128<T>::size>(dpreatt, datt, att, scale, rows, T_);
 }
