@@ -77,17 +77,23 @@ def test_compile_error_shows_the_nvrtc_log(monkeypatch):
         K.compile_offline("gelu.cu", 90)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("filename", CU_FILES)
-def test_nvcc_compiles_every_instantiation(filename, tmp_path):
-    # nvcc cannot take name expressions: taking each instance's address in host code instantiates it.
+def nvcc_every_instantiation(filename: str, tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """nvcc (sm_90, RawModule's language options) on cuda/<filename> with all its instantiations.
+    nvcc cannot take name expressions: taking each instance's address in host code instantiates it."""
     src = tmp_path / f"instances_{filename}"
     src.write_text(f'#include "{filename}"\nvoid* llmpy_instances[] = {{\n'
                    + "".join(f"    (void*)&{e},\n" for e in K.NAME_EXPRESSIONS[filename]) + "};\n")
-    cmd = ["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "--use_fast_math", f"-I{K.CUDA_DIR}",
-           "--resource-usage", "-o", str(tmp_path / "out.cubin"), str(src)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "--use_fast_math", f"-I{K.CUDA_DIR}", *flags,
+                             str(src)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvcc_compiles_every_instantiation(filename, tmp_path):
+    result = nvcc_every_instantiation(filename, tmp_path, "-cubin", "--resource-usage",
+                                      "-o", str(tmp_path / "out.cubin"))
     # ptxas's resource report, one block per kernel: every kernel must launch with 1024 threads (the
     # largest block a launcher uses) and keep everything in registers, or the GPU would refuse the
     # launch ("too many resources requested") or run it from local memory
@@ -97,6 +103,38 @@ def test_nvcc_compiles_every_instantiation(filename, tmp_path):
         assert max_threads_per_block(u["registers"]) >= 1024, f"{kernel}: {u['registers']} registers"
         assert u["spill_stores"] == u["spill_loads"] == 0 and u["stack"] == 0, f"{kernel} spills: {u}"
         assert u["smem"] <= 48 * 1024, f"{kernel}: {u['smem']} bytes of static shared memory"
+
+
+# The kernels that move 16 bytes per load and store (Packed128), where llm.c's do; the others (permutes,
+# AdamW, norms, casts, the per-column softmax and the fold kernels) use scalar accesses.
+X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_backward_wte_kernel",
+                "layernorm_forward_kernel", "fused_residual_forward_kernel", "layernorm_backward_kernel",
+                "gelu_forward_kernel", "gelu_backward_kernel", "residual_forward_kernel",
+                "softmax_forward128_kernel", "softmax_backward128_kernel", "fused_classifier_kernel",
+                "bias_backward_kernel"}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
+    """In the PTX, a Packed128 access is ld/st.global.v4 (4 x 32 bits); nothing in the source says so."""
+    import re
+    ptx = tmp_path / "out.ptx"
+    nvcc_every_instantiation(filename, tmp_path, "-ptx", "-o", str(ptx))
+    access: dict[str, set] = {}
+    kernel = None
+    for line in ptx.read_text().splitlines():
+        if m := re.search(r"\.entry _Z(\d+)(\w+)\(", line):       # mangled: _Z<length><name>I...
+            kernel = m.group(2)[:int(m.group(1))]
+            access.setdefault(kernel, set())
+        elif kernel and (m := re.search(r"\b(ld|st)\.global((?:\.\w+)*)", line)):
+            access[kernel].add(m.group(1) + (".v4" if ".v4" in m.group(2) else ""))
+    assert set(access) == {e.split("<")[0] for e in K.NAME_EXPRESSIONS[filename]}
+    for kernel, kinds in access.items():
+        if kernel in X128_KERNELS:
+            assert {"ld.v4", "st.v4"} <= kinds, f"{kernel}: {sorted(kinds)}"
+        else:
+            assert not kinds & {"ld.v4", "st.v4"}, f"{kernel} is vectorised but not listed: {sorted(kinds)}"
 
 
 def parse_resource_usage(text: str) -> dict:
