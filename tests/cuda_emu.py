@@ -344,7 +344,9 @@ class Emulator:
         for i, (a, (pointer, code, size)) in enumerate(zip(args, params)):
             where = f"{name} argument {i}"
             if pointer:
-                if a is None:
+                if a is None:   # CuPy would pass a pointer that is not NULL (cupy/cupy#9046)
+                    raise EmulatorError(f"{where}: None is not a null pointer under CuPy; pass K.NULL")
+                if isinstance(a, np.uint64) and a == K.NULL:
                     value = ctypes.c_void_p(None)
                 elif isinstance(a, _NDARRAY):
                     want = _POINTEE.get(code)

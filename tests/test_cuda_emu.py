@@ -43,6 +43,8 @@ def test_arguments_are_checked_against_the_kernel(emulator):
         emulator.run("fill_kernel", (1,), (32,), (out,))
     with pytest.raises(EmulatorError, match="invalid launch configuration"):
         emulator.run("fill_kernel", (1,), (2048,), (out, np.int32(8)))
+    with pytest.raises(EmulatorError, match=r"argument 0: None is not a null pointer under CuPy; pass K.NULL"):
+        emulator.run("fill_kernel", (1,), (32,), (None, np.int32(8)))
 
 
 def test_out_of_bounds_accesses_are_reported(emulator):

@@ -218,13 +218,22 @@ def launches(monkeypatch):
         assert 1 <= len(grid) <= 3 and all(isinstance(g, int) and g >= 1 for g in grid), grid
         assert len(grid) < 2 or grid[1] <= 65535
         assert np.prod(block) <= 1024 and np.prod(block) % 32 == 0, block
-        for a in args:   # a Python int/float would reach the kernel as int64/double
-            assert a is None or isinstance(a, (cp.ndarray, np.generic)), f"{name}: argument {a!r}"
+        for a in args:   # a Python int/float would reach the kernel as int64/double, None as garbage
+            assert isinstance(a, (cp.ndarray, np.generic)), f"{name}: argument {a!r}"
         calls.append(dict(file=filename, name=name, grid=tuple(grid), block=tuple(block), args=args,
                           shared_mem=shared_mem))
 
     monkeypatch.setattr(K, "launch", record)
     return calls
+
+
+def test_launch_refuses_none_for_a_pointer():
+    # CuPy would launch it with a non-NULL garbage pointer (cupy/cupy#9046); K.NULL is 8 zero bytes
+    with pytest.raises(ValueError, match=r"^gelu_forward_kernel<float>: None .*cupy/cupy#9046"):
+        K.launch("gelu.cu", "gelu_forward_kernel<float>", (1,), (32,), (None, fake((4,)), K.i32(4)))
+    assert K.NULL.dtype == np.uint64 and K.NULL.tobytes() == bytes(8)
+    arr = fake((4,))
+    assert K.nullable(None) is K.NULL and K.nullable(arr) is arr
 
 
 def test_grid_math():
@@ -424,7 +433,7 @@ def test_classifier_launcher(launches):
     assert call["grid"] == (6,) and call["block"] == (1024,)
     assert call["args"][4].dtype == np.float32 and call["args"][-3:] == (6, 57, 64)
     classifier.fused_classifier(None, losses, logits, targets, 1.0, 64)
-    assert launches[-1]["args"][0] is None
+    assert launches[-1]["args"][0] is K.NULL
     with pytest.raises(ValueError, match="V = 65"):
         classifier.fused_classifier(None, losses, logits, targets, 1.0, 65)
     with pytest.raises(ValueError, match="^losses: dtype bfloat16"):
@@ -448,12 +457,12 @@ def test_adamw_launchers(launches):
     assert a[5] == n and all(x.dtype == np.int64 and x == n for x in a[6:9])
     np.testing.assert_allclose([a[12], a[13]], [1 - 0.9**2, 1 - 0.95**2], rtol=1e-6)   # bias corrections
     assert all(x.dtype == np.float32 for x in a[9:17])
-    assert a[-3] == 5 and a[-2] is None and a[-1] is None
+    assert a[-3] == 5 and a[-2] is K.NULL and a[-1] is K.NULL
     np.testing.assert_allclose(adamw.step_scalars(lr=0.1, beta1=0.9, beta2=0.99, t=3, grad_scale=0.5),
                                [0.1, 0.5, 1 - 0.9**3, 1 - 0.99**3], rtol=1e-6)
     adamw.adamw_update(param, m, v, grad, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                        t=2, scalars=fake((4,)), seed_ptr=fake((1,), np.uint32))
-    assert launches[-1]["grid"] == (6, 1) and launches[-1]["args"][1] is None
+    assert launches[-1]["grid"] == (6, 1) and launches[-1]["args"][1] is K.NULL
     adamw.init_from_master(param, master, seed=5, num_slices=L)
     assert launches[-1]["grid"] == (2, 3) and launches[-1]["name"] == "init_from_master_kernel<__nv_bfloat16>"
     with pytest.raises(ValueError, match="num_slices = 7"):
@@ -481,7 +490,7 @@ def test_reduction_launchers(launches):
     assert bias.bias_grid(65536, 768, BF16) == (3, 170)   # 512 // 3 blocks high
     assert bias.bias_grid(5, 40, BF16) == (1, 1) and bias.scratch_size(5, 40, BF16) == 0
     bias.matmul_bias_backward(fake((40,), BF16), fake((5, 40), BF16))
-    assert launches[-1]["name"] == "bias_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][1] is None
+    assert launches[-1]["name"] == "bias_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][1] is K.NULL
     bias.matmul_bias_backward(fake((768,)), fake((4, 64, 768)), scratch=fake((8 * 768,)))
     main, fold = launches[-2:]
     assert main["grid"] == (6, 8) and main["block"] == (32, 8) and fold["args"][-2:] == (8, 768)

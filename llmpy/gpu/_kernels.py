@@ -127,6 +127,9 @@ MAX_DEFAULT_SHARED_MEM = 48 * 1024         # bytes; above this a kernel must opt
 def launch(filename: str, name: str, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0):
     """Launch one kernel on the current stream. Every launcher goes through here (tests replace it to
     record launches without a device). Dynamic shared memory above 48 KiB is opted into first."""
+    if any(a is None for a in args):
+        raise ValueError(f"{name}: None among the kernel arguments; CuPy does not pass it as a null "
+                         "pointer (cupy/cupy#9046), pass K.NULL (K.nullable(a))")
     fn = kernel(filename, name)
     if shared_mem > MAX_DEFAULT_SHARED_MEM and fn.max_dynamic_shared_size_bytes < shared_mem:
         fn.max_dynamic_shared_size_bytes = shared_mem
@@ -259,6 +262,17 @@ def check_same_shape(**arrays):
 def check_multiple(name: str, value: int, multiple: int, why: str):
     if value % multiple:
         raise ValueError(f"{name} = {value} must be a multiple of {multiple} ({why})")
+
+
+# A null pointer argument: 8 zero bytes. CuPy's RawKernel turns None into a pointer that is not NULL
+# (cupy/cupy#9046: it hands cuLaunchKernel a null *address* for the argument's value), so launchers
+# never pass None.
+NULL = np.uint64(0)
+
+
+def nullable(a):
+    """An optional array argument: the array, or NULL for None."""
+    return NULL if a is None else a
 
 
 def i32(x) -> np.int32:

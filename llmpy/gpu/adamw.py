@@ -67,9 +67,9 @@ def adamw_update(param, m, v, grad, *, lr, beta1, beta2, eps, weight_decay, t, g
     if n == 0:
         return
     K.launch("adamw.cu", K.template_name("adamw_kernel", dtype), grid, (block_size,),
-             (param, master, grad, m, v, K.i32(per_slice), stride, stride, stride,
+             (param, K.nullable(master), grad, m, v, K.i32(per_slice), stride, stride, stride,
               lr_, K.f32(beta1), K.f32(beta2), b1c, b2c, K.f32(eps), K.f32(weight_decay), gs,
-              K.u32(seed), scalars, seed_ptr))
+              K.u32(seed), K.nullable(scalars), K.nullable(seed_ptr)))
 
 
 def init_from_master(param, master, *, seed=0, num_slices=1, seed_ptr=None, block_size=BLOCK_SIZE):
@@ -87,4 +87,4 @@ def init_from_master(param, master, *, seed=0, num_slices=1, seed_ptr=None, bloc
         return
     stride = np.int64(n // num_slices)
     K.launch("adamw.cu", K.template_name("init_from_master_kernel", dtype), grid, (block_size,),
-             (param, master, K.i32(n // num_slices), stride, stride, K.u32(seed), seed_ptr))
+             (param, master, K.i32(n // num_slices), stride, stride, K.u32(seed), K.nullable(seed_ptr)))

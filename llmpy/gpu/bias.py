@@ -53,7 +53,7 @@ def matmul_bias_backward(dbias, dout, *, scratch=None, warps=WARPS):
             raise ValueError(f"scratch: {scratch.size} float32 elements, need {need}")
         partials = scratch
     K.launch("bias.cu", K.template_name("bias_backward_kernel", dtype), grid, (32, warps),
-             (dbias, partials, dout, K.i32(N), K.i32(OC)))
+             (dbias, K.nullable(partials), dout, K.i32(N), K.i32(OC)))
     if partials is not None:
         K.launch("bias.cu", K.template_name("bias_backward_fold_kernel", dtype),
                  K.grid_1d(OC, FOLD_BLOCK_SIZE), (FOLD_BLOCK_SIZE,),

@@ -34,4 +34,4 @@ def fused_classifier(dlogits, losses, logits, targets, dloss, V, *, block_size=B
     if rows == 0:
         return
     K.launch("classifier.cu", K.template_name("fused_classifier_kernel", dtype), (rows,), (block_size,),
-             (dlogits, losses, logits, targets, K.f32(dloss), K.i32(rows), K.i32(V), K.i32(Vp)))
+             (K.nullable(dlogits), losses, logits, targets, K.f32(dloss), K.i32(rows), K.i32(V), K.i32(Vp)))
