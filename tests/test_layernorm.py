@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from llmpy.cpu import layernorm as ref
-from llmpy.testing import assert_close, numerical_grad
+from llmpy.testing import assert_close, assert_matches_torch, numerical_grad
 
 B, T, C = 2, 3, 5
 
@@ -65,11 +65,7 @@ def test_matches_torch(rng):
     dx, dw, db = np.zeros_like(x), np.zeros_like(w), np.zeros_like(b)
     ref.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd)
 
-    x_t, w_t, b_t = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    out_t = torch.nn.functional.layer_norm(x_t, (64,), w_t, b_t, eps=1e-5)
-    out_t.backward(torch.from_numpy(dout))
-    assert_close(out, out_t.detach().numpy(), atol=1e-5, rtol=1e-5, name="out")
-    assert_close(dx, x_t.grad.numpy(), atol=1e-5, rtol=1e-5, name="dinp")
-    assert_close(dw, w_t.grad.numpy(), atol=1e-5, rtol=1e-5, name="dweight")
-    assert_close(db, b_t.grad.numpy(), atol=1e-5, rtol=1e-5, name="dbias")
+    assert_matches_torch(lambda x_t, w_t, b_t: torch.nn.functional.layer_norm(x_t, (64,), w_t, b_t, eps=1e-5),
+                         dict(inp=x, weight=w, bias=b), dout, dict(out=out, dinp=dx, dweight=dw, dbias=db),
+                         atol=1e-5, rtol=1e-5)
     assert out.dtype == dx.dtype == np.float32

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from llmpy.cpu import matmul as ref
-from llmpy.testing import assert_close, numerical_grad
+from llmpy.testing import assert_close, assert_matches_torch, numerical_grad
 
 B, T, C, OC = 2, 3, 5, 4
 
@@ -42,11 +42,6 @@ def test_matches_torch(rng, monkeypatch):
     ref.matmul_forward(out, x, w, b)
     ref.matmul_backward(dx, dw, db, dout, x, w)
 
-    x_t, w_t, b_t = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    out_t = torch.nn.functional.linear(x_t, w_t, b_t)
-    out_t.backward(torch.from_numpy(dout))
-    assert_close(out, out_t.detach().numpy(), atol=1e-4, rtol=1e-5, name="out")
-    assert_close(dx, x_t.grad.numpy(), atol=1e-4, rtol=1e-5, name="dinp")
-    assert_close(dw, w_t.grad.numpy(), atol=1e-4, rtol=1e-5, name="dweight")
-    assert_close(db, b_t.grad.numpy(), atol=1e-4, rtol=1e-5, name="dbias")
+    assert_matches_torch(torch.nn.functional.linear, dict(inp=x, weight=w, bias=b), dout,
+                         dict(out=out, dinp=dx, dweight=dw, dbias=db), atol=1e-4, rtol=1e-5)
     assert out.dtype == dx.dtype == np.float32

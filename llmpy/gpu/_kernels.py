@@ -205,6 +205,17 @@ def launch_1d(filename: str, name: str, num_threads: int, block_size: int, args:
     launch(filename, name, grid_1d(num_threads, block_size), (block_size,), args)
 
 
+def launch_elementwise(filename: str, base: str, block_size: int, **arrays) -> None:
+    """An x128 elementwise kernel base<T>(arrays..., int n) over same-shape float arrays, given in the
+    kernel's argument order: checks every array (errors name it), one thread per 16-byte chunk."""
+    dtype = check_floats(**arrays)
+    check_same_shape(**arrays)
+    block_size = check_block_size(block_size)
+    n = next(iter(arrays.values())).size
+    launch(filename, template_name(base, dtype), elementwise_grid(n, dtype, block_size), (block_size,),
+           (*arrays.values(), i32(n)))
+
+
 # -------------------------------------------------------------------------------------------------
 # Argument checks. RawKernel validates nothing: it passes a view's base pointer and ignores strides,
 # and a Python float arrives as a double (cupy-notes.md §0.8). Launchers check every array first.

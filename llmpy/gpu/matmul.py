@@ -90,40 +90,34 @@ def _matrix(name: str, shape) -> tuple[int, int]:
     return shape
 
 
-def _rows(name: str, shape: tuple[int, ...], like_name: str, like: tuple[int, ...]) -> int:
-    """Leading dimensions of a (..., C) activation: must match `like`'s; returns their product (BT)."""
+def _as_rows(name: str, shape, like_name: str, like) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two (..., C) activations whose leading dimensions must match, as 2-D (BT, C) shapes."""
+    shape, like = _shape(name, shape, 1), _shape(like_name, like, 1)
     if shape[:-1] != like[:-1]:
         raise ValueError(f"{name} has shape {shape} but {like_name} has {like}: leading dimensions differ")
-    return math.prod(shape[:-1])
+    bt = math.prod(shape[:-1])
+    return (bt, shape[-1]), (bt, like[-1])
 
 
 @_memo
 def gemm_plan_forward(out_shape, inp_shape, w_shape) -> GemmPlan:
     """out (..., OC) = inp (..., C) @ weight (OC, C)^T."""
-    out_shape, inp_shape = _shape("out", out_shape, 1), _shape("inp", inp_shape, 1)
-    w_shape = _matrix("weight", w_shape)
-    bt = _rows("out", out_shape, "inp", inp_shape)
-    return gemm_plan_batched((bt, out_shape[-1]), (bt, inp_shape[-1]), w_shape, transb=True,
-                             names=("out", "inp", "weight"))
+    out2, inp2 = _as_rows("out", out_shape, "inp", inp_shape)
+    return gemm_plan_batched(out2, inp2, _matrix("weight", w_shape), transb=True, names=("out", "inp", "weight"))
 
 
 @_memo
 def gemm_plan_dinp(dinp_shape, dout_shape, w_shape) -> GemmPlan:
     """dinp (..., C) = dout (..., OC) @ weight (OC, C)."""
-    dinp_shape, dout_shape = _shape("dinp", dinp_shape, 1), _shape("dout", dout_shape, 1)
-    w_shape = _matrix("weight", w_shape)
-    bt = _rows("dinp", dinp_shape, "dout", dout_shape)
-    return gemm_plan_batched((bt, dinp_shape[-1]), (bt, dout_shape[-1]), w_shape,
-                             names=("dinp", "dout", "weight"))
+    dinp2, dout2 = _as_rows("dinp", dinp_shape, "dout", dout_shape)
+    return gemm_plan_batched(dinp2, dout2, _matrix("weight", w_shape), names=("dinp", "dout", "weight"))
 
 
 @_memo
 def gemm_plan_dweight(dw_shape, dout_shape, inp_shape) -> GemmPlan:
     """dweight (OC, C) (+)= dout (..., OC)^T @ inp (..., C), summing over all leading positions."""
-    dout_shape, inp_shape = _shape("dout", dout_shape, 1), _shape("inp", inp_shape, 1)
-    dw_shape = _matrix("dweight", dw_shape)
-    bt = _rows("dout", dout_shape, "inp", inp_shape)
-    return gemm_plan_batched(dw_shape, (bt, dout_shape[-1]), (bt, inp_shape[-1]), transa=True,
+    dout2, inp2 = _as_rows("dout", dout_shape, "inp", inp_shape)
+    return gemm_plan_batched(_matrix("dweight", dw_shape), dout2, inp2, transa=True,
                              names=("dweight", "dout", "inp"))
 
 

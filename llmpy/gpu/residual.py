@@ -7,9 +7,4 @@ BLOCK_SIZE = 256   # llm.c's choice; any multiple of 32 is correct
 def residual_forward(out, inp1, inp2, *, block_size=BLOCK_SIZE):
     """out = inp1 + inp2, elementwise (fp32 add, rounded to the storage type). All three: same shape,
     float32 or bf16, contiguous, 16-byte aligned; out may be inp1 or inp2. Overwrites out."""
-    dtype = K.check_floats(out=out, inp1=inp1, inp2=inp2)
-    K.check_same_shape(out=out, inp1=inp1, inp2=inp2)
-    block_size = K.check_block_size(block_size)
-    K.launch("residual.cu", K.template_name("residual_forward_kernel", dtype),
-             K.elementwise_grid(out.size, dtype, block_size), (block_size,),
-             (out, inp1, inp2, K.i32(out.size)))
+    K.launch_elementwise("residual.cu", "residual_forward_kernel", block_size, out=out, inp1=inp1, inp2=inp2)
