@@ -97,15 +97,18 @@ def translation_unit(path: pathlib.Path, name_expressions) -> str:
     own namespace, the storage for its `extern __shared__` array (at most one per file), and one
     registration per name expression (for cuda/, those of llmpy/gpu/_kernels.py's NAME_EXPRESSIONS)."""
     source = path.read_text()
-    dynamic = set(re.findall(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]", source))
+    dynamic = set(re.findall(r"extern\s+__shared__\s+(?:__align__\((\d+)\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]", source))
     if len(dynamic) > 1:
         raise ValueError(f"{path.name}: the emulator supports one extern __shared__ array per file")
     ns = "emu_" + path.stem
-    lines = ['#include "emu.h"', f"namespace {ns} {{", f'#include "{path.name}"']
+    # headers with `#pragma once` go first, outside the namespace, so that the file's own #include of
+    # them is a no-op there and nvcuda::wmma stays a global namespace
+    lines = ['#include "emu.h"', '#include "mma.h"', f"namespace {ns} {{", f'#include "{path.name}"']
     smem = "nullptr"
     if dynamic:
-        ctype, name = dynamic.pop()
-        lines += [f"alignas(16) thread_local {ctype} {name}[::emu::MAX_DYNAMIC_SHARED_BYTES / sizeof({ctype})];",
+        align, ctype, name = dynamic.pop()
+        lines += [f"alignas({align or 16}) thread_local {ctype} {name}"
+                  f"[::emu::MAX_DYNAMIC_SHARED_BYTES / sizeof({ctype})];",
                   f"float* emu_dynamic_shared() {{ return reinterpret_cast<float*>({name}); }}"]
         smem = "&emu_dynamic_shared"
     lines += [f"EMU_REGISTER({smem}, {expr});" for expr in name_expressions]

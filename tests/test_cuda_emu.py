@@ -112,6 +112,35 @@ def test_fresh_memory_reads_as_nan(emulator):
         emulator.run("uninitialized_shared_kernel", (1,), (32,), (out,), shared_mem=300 * 1024)
 
 
+def test_writes_past_the_dynamic_shared_memory_are_reported(emulator):
+    emulator.run("shared_fill_kernel", (1,), (32,), (np.int32(100),), shared_mem=400)
+    with pytest.raises(EmulatorError, match="wrote dynamic shared memory at byte 396, past the 396 bytes"):
+        emulator.run("shared_fill_kernel", (1,), (32,), (np.int32(100),), shared_mem=396)
+
+
+def test_wmma_products_and_their_rules(emulator, rng):
+    """The WMMA stand-in (tests/emu/mma.h) multiplies as the tensor cores do (bf16 in, fp32 out) and
+    reports what a GPU would trip on: a pointer that is not 32-byte aligned, a leading dimension that
+    is not a multiple of 16 bytes, and reading a stored tile back before __syncwarp."""
+    BF16 = ml_dtypes.bfloat16
+    a, b = (rng.standard_normal((16, 24)).astype(BF16) for _ in range(2))
+    da, db = emulator.to_device(a), emulator.to_device(b)
+    c = emulator.empty((256,))
+    emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(24), np.int32(1)),
+                 shared_mem=1024)
+    want = a[:, :16].astype(np.float64) @ b[:, :16].astype(np.float64).T
+    np.testing.assert_allclose(np.roll(emulator.to_host(c), 1).reshape(16, 16), want, rtol=1e-5, atol=1e-5)
+    emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(24), np.int32(0)),
+                 shared_mem=1024)
+    assert np.isnan(emulator.to_host(c)).any()                   # other lanes' parts were not stored yet
+    with pytest.raises(EmulatorError, match=r"misaligned wmma::load_matrix_sync .*32-byte alignment"):
+        emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(8), np.int32(24), np.int32(1)),
+                     shared_mem=1024)
+    with pytest.raises(EmulatorError, match="leading dimension 20 elements is not a multiple of 16 bytes"):
+        emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(20), np.int32(1)),
+                     shared_mem=1024)
+
+
 def test_launchers_are_routed_to_the_emulator(emulator):
     from llmpy.gpu import gelu
     x = emulator.to_device(np.linspace(-3, 3, 37, dtype=np.float32))

@@ -62,6 +62,7 @@ class Case:
                                     # element by element, instead of the max-over-tensor budget
     cublaslt: bool = False          # the op runs batched matmuls (nvmath-python on a GPU; NumPy
                                     # stands in for them in the emulator)
+    dtypes: tuple = tuple(STORAGE)  # storage types the GPU op supports
 
 
 def _bias_backward_reference(dbias, dout):
@@ -188,6 +189,16 @@ def make_attention(rng, B, T, NH, HS):
             "datt": _normal(rng, B, NH, T, T), "scratch": _normal(rng, B, NH, T, HS)}
 
 
+def make_flash(rng, B, T, NH):
+    C = NH * 64
+    inp = _normal(rng, B, T, 3 * C)
+    out, lse = np.empty((B, T, C)), np.empty((B, NH, T))
+    llmpy.cpu.flash_attention_forward(out, lse, inp)                  # what forward saves
+    return {"out": _normal(rng, B, T, C), "lse": _normal(rng, B, NH, T), "inp": inp, "saved_out": out,
+            "saved_lse": lse, "dout": _normal(rng, B, T, C), "dinp": _normal(rng, B, T, 3 * C),
+            "delta": _normal(rng, B, NH, T)}
+
+
 def make_classifier(rng, B, T, V, Vp):
     logits = _normal(rng, B, T, Vp, scale=2.0)
     logits[..., V:] = 0.0                              # padded wte rows are 0, so these logits are
@@ -221,6 +232,10 @@ EW_SIZES = (dict(shape=(4, 64, 3072)), dict(shape=(37,)), dict(shape=(3, 5, 7)))
 ATT_SIZES = (dict(B=4, T=64, NH=12, HS=64), dict(B=2, T=40, NH=3, HS=16),   # 128-bit softmax rows
              dict(B=2, T=13, NH=2, HS=8))                                        # scalar softmax rows
 ADAMW_KW = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=3, grad_scale=0.5)
+FLASH_SIZES = (dict(B=2, T=192, NH=2),   # 3 query tiles: the online softmax across key tiles
+               dict(B=1, T=100, NH=3),   # a partial last tile
+               dict(B=1, T=13, NH=1))    # less than one WMMA tile of rows
+FLASH_FP32 = ("lse", "saved_lse", "delta")
 BF16_INTERMEDIATES = 3.0   # attention stores preatt/att/dy/datt in the storage type between
                            # matmuls; lowp (float32 throughout) does not round those
 ROUNDED_RESIDUAL = 3.0     # fused_residual normalizes the residual after rounding it (as llm.c
@@ -250,6 +265,12 @@ CASES = [
     Case("attention_backward", ("dinp", "dqkvr", "datt", "scratch", "dout", "saved_qkvr", "saved_att"),
          ("dinp",), make_attention, ATT_SIZES, k=BF16_INTERMEDIATES, floor_ulps=256,
          cublaslt=True),
+    # bf16 only (WMMA); P and dz are rounded to bf16 before their products, but the T x T matrices
+    # are not stored, so the default budget holds (measured max error 0.4-1.1x lowp's)
+    Case("flash_attention_forward", ("out", "lse", "inp"), ("out", "lse"), make_flash, FLASH_SIZES,
+         fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),
+    Case("flash_attention_backward", ("dinp", "delta", "dout", "inp", "saved_out", "saved_lse"),
+         ("dinp", "delta"), make_flash, FLASH_SIZES, fp32=FLASH_FP32, floor_ulps=256, dtypes=("bfloat16",)),
     Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 256, 50257),
          ("logits", "losses"), make_classifier, (dict(B=4, T=64, V=50257, Vp=50304),),
          fp32=("losses",), floor_ulps=32),
@@ -274,7 +295,7 @@ CASES = [
 def _params():
     for case in CASES:
         for size in case.sizes:
-            for dtype_name in STORAGE:
+            for dtype_name in case.dtypes:
                 label = "-".join(f"{k}{v}" for k, v in size.items()).replace(" ", "")
                 yield pytest.param(case, size, dtype_name,
                                    id=f"{case.op}-{'-'.join(case.outputs)}-{label}-{dtype_name}")

@@ -30,6 +30,7 @@ except Exception as e:  # noqa: BLE001  (any failure here means "no CuPy/NVRTC o
 import ml_dtypes
 
 from llmpy.gpu import _kernels as K
+from llmpy.gpu import flash_attention
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
@@ -89,29 +90,39 @@ def nvcc_every_instantiation(filename: str, tmp_path, *flags: str) -> subprocess
     return result
 
 
+# kernels written for one block size (their launchers always use it; __launch_bounds__ says so too)
+FIXED_BLOCKS = {f"flash_attention_{k}_kernel": flash_attention.THREADS
+                for k in ("forward", "backward_dkdv", "backward_dq")}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("filename", CU_FILES)
 def test_nvcc_compiles_every_instantiation(filename, tmp_path):
     result = nvcc_every_instantiation(filename, tmp_path, "-cubin", "--resource-usage",
                                       "-o", str(tmp_path / "out.cubin"))
-    # ptxas's resource report, one block per kernel: every kernel must launch with 1024 threads (the
-    # largest block a launcher uses) and keep everything in registers, or the GPU would refuse the
-    # launch ("too many resources requested") or run it from local memory
+    # ptxas's resource report, one block per kernel: every kernel must launch with the largest block its
+    # launcher may use (1024 threads, or the fixed block of a tiled kernel) and keep everything in
+    # registers, or the GPU would refuse the launch ("too many resources requested") or run it from
+    # local memory
     usage = parse_resource_usage(result.stdout + result.stderr)
     assert len(usage) == len(K.NAME_EXPRESSIONS[filename]), usage
     for kernel, u in usage.items():
-        assert max_threads_per_block(u["registers"]) >= 1024, f"{kernel}: {u['registers']} registers"
+        threads = next((n for name, n in FIXED_BLOCKS.items() if name in kernel), 1024)
+        assert max_threads_per_block(u["registers"]) >= threads, f"{kernel}: {u['registers']} registers"
         assert u["spill_stores"] == u["spill_loads"] == 0 and u["stack"] == 0, f"{kernel} spills: {u}"
         assert u["smem"] <= 48 * 1024, f"{kernel}: {u['smem']} bytes of static shared memory"
 
 
 # The kernels that move 16 bytes per load and store (Packed128), where llm.c's do; the others (permutes,
-# AdamW, norms, casts, the per-column softmax and the fold kernels) use scalar accesses.
+# AdamW, norms, casts, the per-column softmax and the fold kernels) use scalar accesses. The flash delta
+# kernel reads rows 16 bytes at a time and writes one float per row.
+X128_LOAD_ONLY = {"flash_attention_delta_kernel"}
 X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_backward_wte_kernel",
                 "layernorm_forward_kernel", "fused_residual_forward_kernel", "layernorm_backward_kernel",
                 "gelu_forward_kernel", "gelu_backward_kernel", "residual_forward_kernel",
                 "softmax_forward128_kernel", "softmax_backward128_kernel", "fused_classifier_kernel",
-                "bias_backward_kernel"}
+                "bias_backward_kernel", "flash_attention_forward_kernel",
+                "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -133,6 +144,8 @@ def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
     for kernel, kinds in access.items():
         if kernel in X128_KERNELS:
             assert {"ld.v4", "st.v4"} <= kinds, f"{kernel}: {sorted(kinds)}"
+        elif kernel in X128_LOAD_ONLY:
+            assert "ld.v4" in kinds and "st.v4" not in kinds, f"{kernel}: {sorted(kinds)}"
         else:
             assert not kinds & {"ld.v4", "st.v4"}, f"{kernel} is vectorised but not listed: {sorted(kinds)}"
 
@@ -422,6 +435,39 @@ def test_attention_launchers(launches, monkeypatch):
     assert attention.softmax_kernel_name("softmax_backward_kernel", np.float32, 6) == "softmax_backward_kernel<float>"
     assert attention.softmax_kernel_name("softmax_backward_kernel", np.float32, 12) == \
         "softmax_backward128_kernel<float>"
+
+
+def test_flash_attention_launchers(launches):
+    from llmpy.gpu import flash_attention as fa
+    B, T, NH = 3, 100, 2
+    C = NH * 64
+    qkv, out, lse = fake((B, T, 3 * C), BF16), fake((B, T, C), BF16), fake((B, NH, T))
+    fa.flash_attention_forward(out, lse, qkv)
+    (fwd,) = launches
+    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel", (2, B * NH), (128,))
+    assert fwd["shared_mem"] == 3 * 64 * 72 * 2 + 4 * 16 * 68 * 4 + 4 * 16 * 72 * 2 == 54272
+    assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 3 + [np.float32] and fwd["args"][6] == np.float32(0.125)
+
+    launches.clear()
+    dqkv, dout, delta = fake(qkv.shape, BF16), fake(out.shape, BF16), fake(lse.shape)
+    fa.flash_attention_backward(dqkv, delta, dout, qkv, out, lse)
+    assert [(c["name"], c["grid"], c["shared_mem"]) for c in launches] == [
+        ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), 0),
+        ("flash_attention_backward_dkdv_kernel", (2, B * NH), 90624),
+        ("flash_attention_backward_dq_kernel", (2, B * NH), 80896)]
+    assert all(max(c["shared_mem"], 1) <= 227 * 1024 for c in launches)
+
+    assert fa.supports(BF16, 64) and not fa.supports(np.float32, 64) and not fa.supports(BF16, 32)
+    with pytest.raises(ValueError, match=r"^qkv: dtype float32, expected bfloat16"):
+        fa.flash_attention_forward(out, lse, fake(qkv.shape))
+    with pytest.raises(ValueError, match=r"^qkv: shape \(3, 100, 192\) with 2 heads .*head size 64"):
+        fa.flash_attention_forward(out, lse, fake((B, T, 3 * 32 * NH), BF16))
+    with pytest.raises(ValueError, match=r"^lse: shape \(3, 2, 99\)"):
+        fa.flash_attention_forward(out, fake((B, NH, T - 1)), qkv)
+    with pytest.raises(ValueError, match=r"^dout: shape"):
+        fa.flash_attention_backward(dqkv, delta, fake((B, T, 3 * C), BF16), qkv, out, lse)
+    with pytest.raises(ValueError, match=r"^delta: dtype bfloat16"):
+        fa.flash_attention_backward(dqkv, fake(lse.shape, BF16), dout, qkv, out, lse)
 
 
 def test_classifier_launcher(launches):

@@ -2,7 +2,8 @@
 import numpy as xp  # noqa: F401  (the backend's array module, used by model.py to allocate)
 
 from llmpy.cpu.adamw import adamw_update, global_norm_squared  # noqa: F401
-from llmpy.cpu.attention import attention_backward, attention_forward  # noqa: F401
+from llmpy.cpu.attention import (attention_backward, attention_forward, flash_attention_backward,  # noqa: F401
+                                 flash_attention_forward)
 from llmpy.cpu.classifier import fused_classifier  # noqa: F401
 from llmpy.cpu.encoder import encoder_backward, encoder_forward  # noqa: F401
 from llmpy.cpu.gelu import gelu_backward, gelu_forward  # noqa: F401

@@ -68,3 +68,46 @@ def attention_backward(dinp, dqkvr, datt, scratch, dout, qkvr, att):
     np.matmul(datt, k, out=dq)
     np.matmul(datt.swapaxes(-1, -2), q, out=dk)
     dinp.reshape(B, T, 3, NH, HS, copy=False)[...] = dqkvr.transpose(1, 3, 0, 2, 4)
+
+
+# -------------------------------------------------------------------------------------------------
+# The fused (flash) variant's contract, for cuda/flash_attention.cu: the same attention, reading q, k, v
+# from inp in place and saving one log-sum-exp per row instead of qkvr and att.
+
+
+def _scaled_logits(inp, NH):
+    """(q.k / sqrt(HS) with -inf above the diagonal (B, NH, T, T), the q, k, v views (3, B, NH, T, HS))."""
+    B, T, C3 = inp.shape
+    HS = C3 // 3 // NH
+    qkvr = inp.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)
+    logits = np.matmul(qkvr[0], qkvr[1].swapaxes(-1, -2)) * (1.0 / math.sqrt(HS))
+    np.copyto(logits, -np.inf, where=_future(T))
+    return logits, qkvr
+
+
+def flash_attention_forward(out, lse, inp):
+    """inp (B, T, 3C) read only; out (B, T, C) and lse (B, NH, T) overwritten (lse: the natural log of
+    each row's softmax denominator over the scaled logits q.k / sqrt(HS))."""
+    NH = lse.shape[1]
+    logits, qkvr = _scaled_logits(inp, NH)
+    top = logits.max(axis=-1, keepdims=True)                 # the diagonal is always finite
+    lse[...] = top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    np.matmul(np.exp(logits - lse[..., None]), qkvr[2], out=_heads(out, NH))
+
+
+def flash_attention_backward(dinp, delta, dout, inp, out, lse):
+    """Gradient of flash_attention_forward from what it saved: dinp (B, T, 3C) OVERWRITTEN; delta
+    (B, NH, T) overwritten with rowsum(dout * out) per head, which equals sum_j p_j datt_j of the
+    softmax backward (scratch on the GPU). The probabilities are recomputed as exp(logits - lse)."""
+    B, T = dinp.shape[:2]
+    NH = lse.shape[1]
+    HS = dinp.shape[2] // 3 // NH
+    delta[...] = np.einsum("bthd,bthd->bht", dout.reshape(B, T, NH, HS), out.reshape(B, T, NH, HS))
+    logits, (q, k, v) = _scaled_logits(inp, NH)
+    att = np.exp(logits - lse[..., None])                    # exactly 0 above the diagonal
+    dy = _heads(dout, NH)
+    dqkv = dinp.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)    # views into dinp
+    np.matmul(att.swapaxes(-1, -2), dy, out=dqkv[2])         # dv
+    dlogits = att * (np.matmul(dy, v.swapaxes(-1, -2)) - delta[..., None]) * (1.0 / math.sqrt(HS))
+    np.matmul(dlogits, k, out=dqkv[0])                       # dq
+    np.matmul(dlogits.swapaxes(-1, -2), q, out=dqkv[1])      # dk

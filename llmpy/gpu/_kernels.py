@@ -62,6 +62,8 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
                                 "softmax_backward_kernel", "softmax_forward128_kernel",
                                 "softmax_backward128_kernel", "unpermute_backward_kernel",
                                 "permute_backward_kernel"),
+    "flash_attention.cu": ("flash_attention_forward_kernel", "flash_attention_delta_kernel",
+                           "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"),
     "classifier.cu": _each_dtype("fused_classifier_kernel"),
     "adamw.cu": _each_dtype("adamw_kernel", "init_from_master_kernel"),
     "global_norm.cu": _each_dtype("global_norm_squared_kernel") + ("global_norm_finish_kernel",),
@@ -97,11 +99,35 @@ def source_hash(cuda_dir: pathlib.Path | str = CUDA_DIR) -> str:
     return h.hexdigest()[:16]
 
 
+def crt_include() -> tuple[str, ...]:
+    """`-I<dir>` for the directory that holds crt/mma.h, when the CUDA runtime headers CuPy compiles
+    with lack it; else (). <mma.h> (WMMA, cuda/flash_attention.cu) includes crt/mma.h, which the
+    runtime header wheels do not ship: for CUDA 13 the nvidia-cuda-crt wheel adds it to the same
+    directory (the cuda13 extra installs it), for CUDA 12 it is in nvidia-cuda-nvcc-cu12, which
+    pathfinder knows as the "nvcc" headers, as it knows a toolkit's include directory."""
+    try:
+        from cuda import pathfinder
+    except ImportError:
+        return ()
+
+    def headers(lib):
+        try:
+            return pathfinder.find_nvidia_header_directory(lib)
+        except Exception:        # pathfinder raises its own errors for unknown or missing headers
+            return None
+    runtime, nvcc = headers("cudart"), headers("nvcc")
+    if runtime is None or (pathlib.Path(runtime) / "crt" / "mma.h").is_file():
+        return ()
+    if nvcc is not None and (pathlib.Path(nvcc) / "crt" / "mma.h").is_file():
+        return (f"-I{nvcc}",)
+    return ()
+
+
 @functools.cache
 def options() -> tuple[str, ...]:
     """The user options every RawModule gets (RawModule wants a tuple)."""
-    return (f"-I{CUDA_DIR}", f"-DLLMPY_SRC_HASH=0x{source_hash()}", "--use_fast_math", "-lineinfo",
-            "--std=c++17")
+    return (f"-I{CUDA_DIR}", *crt_include(), f"-DLLMPY_SRC_HASH=0x{source_hash()}", "--use_fast_math",
+            "-lineinfo", "--std=c++17")
 
 
 @functools.cache

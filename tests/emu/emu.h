@@ -35,6 +35,7 @@
 #define __shared__ thread_local
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -43,6 +44,7 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;    // set by the scheduler f
 
 namespace emu {
 void check_aligned(const void* p, size_t bytes, const char* what);   // stops the launch if misaligned
+void fail_launch(const std::string& message);                         // stops the launch with a message
 }
 
 // 16 bytes moved as one: every load or store through an int4 lvalue (Packed128's load128/store128 and
@@ -115,6 +117,9 @@ template <class V> inline V __shfl_sync(unsigned int mask, V v, int src_lane, in
     memcpy(&out, &r, sizeof(V));
     return out;
 }
+
+// a barrier of the lanes in mask, as a shuffle is (and with its checks)
+inline void __syncwarp(unsigned int mask = 0xffffffffu) { emu::shuffle(mask, 0, emu::lane_id()); }
 
 template <class V> inline V __shfl_xor_sync(unsigned int mask, V v, int lane_mask, int width = 32) {
     return __shfl_sync(mask, v, (emu::lane_id() ^ lane_mask) & (width - 1), width);

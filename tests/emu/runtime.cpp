@@ -226,10 +226,12 @@ void on_segv(int, siginfo_t* info, void*) {
 
 void check_aligned(const void* p, size_t bytes, const char* what) {
     if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
-    char buf[96];
+    char buf[160];
     snprintf(buf, sizeof buf, "misaligned %s at %p (%zu-byte alignment required) in ", what, p, bytes);
     fail(buf + where(fibers[current]));
 }
+
+void fail_launch(const std::string& message) { fail(message + " in " + where(fibers[current])); }
 
 void syncthreads(const char* file, int line) {
     fibers[current].sync_file = file;
@@ -333,6 +335,20 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
                 memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
             }
             if (!run_block()) rc = 1;
+            if (!rc && k.dynamic_shared && shared_mem < MAX_DYNAMIC_SHARED_BYTES) {
+                // a GPU gives the block shared_mem bytes; a kernel that wrote past them would have
+                // overwritten another block's shared memory or faulted
+                const auto* bytes = reinterpret_cast<const unsigned char*>(k.dynamic_shared());
+                for (size_t i = shared_mem; i < MAX_DYNAMIC_SHARED_BYTES; i++) {
+                    if (bytes[i] != 0xff) {
+                        snprintf(error, error_len, "%s: block (%u,%u,%u) wrote dynamic shared memory at byte %zu, "
+                                 "past the %zu bytes the launch gave it", name, blockIdx.x, blockIdx.y, blockIdx.z,
+                                 i, shared_mem);
+                        rc = 3;
+                        break;
+                    }
+                }
+            }
         }
     } else {
         *fault_address = const_cast<void*>(segv_address);
@@ -343,6 +359,7 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
     if (rc == 1) snprintf(error, error_len, "%s: %s", name, failure.c_str());
+    if (rc == 3) rc = 1;
     running = nullptr;
     return rc;
 }

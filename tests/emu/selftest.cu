@@ -1,6 +1,7 @@
 // Kernels for the emulator's own tests (tests/test_cuda_emu.py): one correct reduction, and one
 // kernel per mistake the emulator must report rather than run through. Not part of llmpy.
 #include "common.cuh"
+#include <mma.h>
 
 // out[b] = sum of the block's inputs (block_sum: shuffles, shared memory, two barriers)
 __global__ void block_sum_kernel(float* out, const float* in) {
@@ -46,7 +47,7 @@ __global__ void shuffle_after_exit_kernel(float* out) {
 
 // reads dynamic shared memory nobody wrote
 __global__ void uninitialized_shared_kernel(float* out) {
-    extern __shared__ float buf[];
+    extern __shared__ __align__(32) float buf[];
     out[threadIdx.x] = buf[threadIdx.x];
 }
 
@@ -61,4 +62,29 @@ __global__ void racy_shared_kernel(float* out) {
 __global__ void misaligned_load_kernel(float* out, const float* in) {
     const Packed128<float> v = load128(in + 1);
     out[threadIdx.x] = v[0];
+}
+
+// writes floats [0, n) of dynamic shared memory
+__global__ void shared_fill_kernel(int n) {
+    extern __shared__ __align__(32) float buf[];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buf[i] = 0.0f;
+}
+
+// c (16 x 16, row-major) = a b^T for a, b (16 x 16 bf16, row-major), read from a + offset and b + offset with
+// leading dimension ldm; with sync = 0 each lane reads c back from shared memory without __syncwarp
+__global__ void wmma_product_kernel(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int offset,
+                                    int ldm, int sync) {
+    using namespace nvcuda;
+    extern __shared__ __align__(32) float buf[];          // 256 floats: the tile
+    float* tile = buf;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;   // b^T
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::load_matrix_sync(fa, a + offset, ldm);
+    wmma::load_matrix_sync(fb, b + offset, ldm);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(tile, acc, 16, wmma::mem_row_major);
+    if (sync) __syncwarp();
+    for (int i = threadIdx.x; i < 256; i += 32) c[i] = tile[(i + 1) % 256];   // the next lane's elements
 }
