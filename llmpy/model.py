@@ -109,11 +109,13 @@ def carve(flat, shapes: dict[str, tuple[int, ...]]) -> dict:
     return views
 
 
-def act_shapes(cfg: GPTConfig, B: int, T: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every activation the backward pass needs, for a (B, T) batch."""
+def act_shapes(cfg: GPTConfig, B: int, T: int, *, flash: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every activation the backward pass needs, for a (B, T) batch. With flash (the
+    fused attention of llmpy/gpu/flash_attention.py) attention saves one log-sum-exp per row, att_lse,
+    instead of qkvr and the T x T att."""
     L, C, NH, Vp = cfg.num_layers, cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     HS = cfg.head_size
-    return {
+    shapes = {
         "encoded": (B, T, C),                                   # wte[tok] + wpe[t]: residual into layer 0
         "ln1": (L, B, T, C), "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
         "qkv": (L, B, T, 3 * C),                                # QKV projection output
@@ -131,22 +133,32 @@ def act_shapes(cfg: GPTConfig, B: int, T: int) -> dict[str, tuple[int, ...]]:
         "logits": (B, T, Vp),                                   # overwritten in place by dlogits
         "losses": (B, T),                                       # per-token loss, summed over micro-steps
     }
+    if flash:
+        del shapes["qkvr"], shapes["att"]
+        shapes = {**shapes, "att_lse": (L, B, NH, T)}
+    return shapes
 
 
-def grad_act_shapes(cfg: GPTConfig, B: int, T: int) -> dict[str, tuple[int, ...]]:
+def grad_act_shapes(cfg: GPTConfig, B: int, T: int, *, flash: bool = False) -> dict[str, tuple[int, ...]]:
     """Scratch for activation gradients during backward (reused across layers)."""
     C, NH, HS = cfg.channels, cfg.num_heads, cfg.head_size
-    return {
+    shapes = {
         "dresidual": (B, T, C),                                 # gradient flowing along the residual stream
         "dbtc": (B, T, C),                                      # dlnf / dln2 / datty / dln1
         "dbt4c": (B, T, 4 * C),                                 # dfch_gelu, then dfch in place
         "dqkv": (B, T, 3 * C),
-        "dqkvr": (3, B, NH, T, HS), "datt": (B, NH, T, T), "dscratch": (B, NH, T, HS),
     }
+    if flash:
+        shapes["datt_delta"] = (B, NH, T)                       # rowsum(datty * atty) per head
+    else:
+        shapes.update(dqkvr=(3, B, NH, T, HS), datt=(B, NH, T, T), dscratch=(B, NH, T, HS))
+    return shapes
 
 
-# activations kept in float32 whatever the model dtype (llm.c keeps LN statistics and losses in fp32)
-FP32_ACTS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses")
+# activations kept in float32 whatever the model dtype (llm.c keeps LN statistics and losses in fp32),
+# and the fused attention's per-row statistics
+FP32_ACTS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses", "att_lse",
+             "datt_delta")
 
 # -------------------------------------------------------------------------------------------------
 # The model
@@ -161,6 +173,7 @@ class GPT:
 
     recompute_gelu = False   # -r 1 (GPU engine): one shared GELU buffer, recomputed in backward
     gelu_fusion = 0          # -ge: 1 fuses GELU into the fc matmul's epilogue, 2 also its backward
+    flash_attention = False  # --flash-attention (GPU engine, bf16, head size 64): the fused attention ops
 
     def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
         self.config, self.ops, self.xp = config, ops, ops.xp
@@ -181,7 +194,7 @@ class GPT:
     def acts(self, B: int, T: int) -> dict:
         """Activation views for a (B, T) batch, allocated once per shape."""
         if (B, T) not in self._acts:
-            shapes = act_shapes(self.config, B, T)
+            shapes = act_shapes(self.config, B, T, flash=self.flash_attention)
             self._acts[(B, T)] = {k: self.xp.zeros(s, dtype=np.float32 if k in FP32_ACTS else self.dtype)
                                   for k, s in shapes.items()}
         return self._acts[(B, T)]
@@ -189,8 +202,9 @@ class GPT:
     def _grad_acts(self, B: int, T: int) -> dict:
         key = ("grad", B, T)
         if key not in self._acts:
-            self._acts[key] = {k: self.xp.zeros(s, dtype=self.dtype)
-                               for k, s in grad_act_shapes(self.config, B, T).items()}
+            shapes = grad_act_shapes(self.config, B, T, flash=self.flash_attention)
+            self._acts[key] = {k: self.xp.zeros(s, dtype=np.float32 if k in FP32_ACTS else self.dtype)
+                               for k, s in shapes.items()}
         return self._acts[key]
 
     def zero_grad(self):
@@ -218,7 +232,10 @@ class GPT:
         for l in range(cfg.num_layers):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             ops.matmul_forward(a["qkv"][l], a["ln1"][l], p["qkvw"][l], p["qkvb"][l])
-            ops.attention_forward(a["atty"][l], a["qkvr"][l], a["att"][l], a["qkv"][l])
+            if self.flash_attention:
+                ops.flash_attention_forward(a["atty"][l], a["att_lse"][l], a["qkv"][l])
+            else:
+                ops.attention_forward(a["atty"][l], a["qkvr"][l], a["att"][l], a["qkv"][l])
             ops.matmul_forward(a["attproj"][l], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
             ops.fused_residual_forward(a["residual2"][l], a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l],
                                        residual, a["attproj"][l], p["ln2w"][l], p["ln2b"][l])
@@ -289,8 +306,12 @@ class GPT:
             # attention branch; dresidual now holds d(residual2[l])
             ops.matmul_backward(d["dbtc"], g["attprojw"][l], g["attprojb"][l], dresidual, a["atty"][l],
                                 p["attprojw"][l])
-            ops.attention_backward(d["dqkv"], d["dqkvr"], d["datt"], d["dscratch"], d["dbtc"], a["qkvr"][l],
-                                   a["att"][l])
+            if self.flash_attention:
+                ops.flash_attention_backward(d["dqkv"], d["datt_delta"], d["dbtc"], a["qkv"][l], a["atty"][l],
+                                             a["att_lse"][l])
+            else:
+                ops.attention_backward(d["dqkv"], d["dqkvr"], d["datt"], d["dscratch"], d["dbtc"],
+                                       a["qkvr"][l], a["att"][l])
             ops.matmul_backward(d["dbtc"], g["qkvw"][l], g["qkvb"][l], d["dqkv"], a["ln1"][l], p["qkvw"][l])
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], d["dbtc"], residual, p["ln1w"][l],
                                    a["ln1_mean"][l], a["ln1_rstd"][l])

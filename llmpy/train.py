@@ -75,6 +75,8 @@ class TrainConfig:
     dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on cuda, fp32 on cpu)",
                       choices=("auto", "fp32", "bf16"))
     cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it")
+    flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "
+                                       "(0: llm.c's materialised attention)")
     seed: int = flag("", 1337, "seed for sampling during training (llm.c: 1337)")
 
 

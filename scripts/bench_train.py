@@ -17,7 +17,8 @@ must agree.
         is imported, and torch.set_num_threads. Peak memory: tracemalloc (NumPy's allocations) over
         llmpy's set-up and first step; torch (run first) the growth of the process's peak RSS.
   cuda  llmpy: llmpy.gpu.engine.GPUGPT (bf16, fp32 master weights, the trainer's defaults), eagerly and,
-        when the engine supports it, replaying a CUDA graph. GPU busy time is measured by queueing the
+        when the engine supports it, replaying a CUDA graph, and with the fused attention
+        (--flash-attention 1, graph) where the model's head size is 64 (--no-flash skips it). GPU busy time is measured by queueing the
         step behind a long matmul so the GPU never waits for the host; host overhead = wall - busy.
         torch: PlainGPT2, torch.compile, bf16 autocast, flash attention (SDPA), fused AdamW.
         Peak memory: CuPy's pool / torch.cuda.max_memory_allocated.
@@ -204,13 +205,13 @@ def gpu_busy_step(model, inp, tgt, t: int, blocker: Blocker, enqueue_ms: float, 
     return r
 
 
-def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool) -> dict:
+def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool, flash: bool = False) -> dict:
     import cupy as cp
     import llmpy.gpu as ops
     from llmpy.gpu.engine import GPUGPT, engine_options
     from llmpy.train import TrainConfig
     tcfg = dataclasses.replace(TrainConfig(), batch_size=inp.shape[0], seq_len=inp.shape[1], device="cuda",
-                               cuda_graph=int(graph))
+                               cuda_graph=int(graph), flash_attention=int(flash))
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     inp_d, tgt_d = cp.asarray(inp), cp.asarray(tgt)   # device tokens: no pageable copies inside the step
@@ -225,7 +226,7 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, *, graph: bool) -> 
         blocker = Blocker()
         busy = [gpu_busy_step(model, inp_d, tgt_d, args.warmup + args.steps + k + 1, blocker,
                               bu.median(phase_host), graph=graph) for k in range(3)]
-        mode = "graph" if graph else "eager"
+        mode = ("graph" if graph else "eager") + (", flash attention" if model.flash_attention else "")
         failed = [f"{what}: {g.disabled}" for what, g in (("step", model.graph), ("update", model.update_graph))
                   if graph and getattr(g, "disabled", None)]
         if failed:
@@ -338,6 +339,7 @@ def parse_args(argv=None):
     p.add_argument("--torch-attn", choices=("eager", "sdpa"), default="",
                    help="reference attention (default: eager on cpu, sdpa = flash on cuda)")
     p.add_argument("--no-torch", action="store_true", help="time llmpy only")
+    p.add_argument("--no-flash", action="store_true", help="cuda: skip the run with --flash-attention 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
     p.add_argument("--out", required=True, help="output directory for bench_train_<device>.json")
     args = p.parse_args(argv)
@@ -403,6 +405,12 @@ def main(argv=None) -> int:
             report("llmpy graph", result["llmpy"])
         else:
             result["llmpy"] = result["llmpy_eager"]
+        from llmpy.gpu.flash_attention import supports
+        import ml_dtypes
+        if not args.no_flash and supports(ml_dtypes.bfloat16, cfg.head_size):
+            # the fused attention (--flash-attention 1), side by side with llm.c's materialised path
+            result["llmpy_flash"] = bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, graph=True, flash=True)
+            report("llmpy flash", result["llmpy_flash"])
     else:
         result["llmpy"] = bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peaks["gemm_tflops"])
         report("llmpy", result["llmpy"])
@@ -418,6 +426,13 @@ def main(argv=None) -> int:
         result["ratio_ms_llmpy_over_torch"] = result["llmpy"]["ms_per_step"] / result["torch"]["ms_per_step"]
         print(f"first-step loss: llmpy {a[0]:.6f}, torch {b[0]:.6f} -> {'agree' if ok else 'DISAGREE'}")
         print(f"ms/step llmpy / torch = {result['ratio_ms_llmpy_over_torch']:.3f}")
+        if "llmpy_flash" in result:
+            first = result["llmpy_flash"]["losses"][0]
+            result["first_step_loss"]["llmpy_flash"] = first
+            ok = ok and math.isclose(first, b[0], rel_tol=LOSS_RTOL[args.device])
+            result["ratio_ms_llmpy_flash_over_torch"] = result["llmpy_flash"]["ms_per_step"] / result["torch"]["ms_per_step"]
+            print(f"first-step loss with flash attention: {first:.6f}; "
+                  f"ms/step llmpy flash / torch = {result['ratio_ms_llmpy_flash_over_torch']:.3f}")
     result["process_peak_rss_mb"] = maxrss_mb()
     path = bu.write_json(out / f"bench_train_{args.device}.json", result)
     print(f"wrote {path}")

@@ -3,11 +3,13 @@
 #
 #   tests      pytest -m gpu: each kernel against the NumPy reference, the whole model against the CPU,
 #              graph replay vs eager, exact resume, pool back to baseline, cuBLASLt descriptors
-#   sanitizer  compute-sanitizer memcheck over a short bf16 training run (graphs on), if it is on PATH
+#   sanitizer  compute-sanitizer memcheck over short bf16 training runs (graphs on; materialised and fused
+#              attention), if it is on PATH
 #   kernels    scripts/bench_kernels.py --device cuda (every kernel, GPT-2 124M shapes)
 #   matmul     scripts/bench_matmul_sweep.py --device cuda (cuBLASLt vs CuPy's matmul)
 #   train      scripts/bench_train.py --device cuda: GPT-2 124M, T=1024, bf16, the largest B <= 64 that
-#              fits (64, 32, 16, 8 in turn), llmpy eager and graph against torch.compile
+#              fits (64, 32, 16, 8 in turn), llmpy eager, graph and graph with --flash-attention 1
+#              against torch.compile
 #
 # usage: bash scripts/gpu_check.sh [--only tests,sanitizer,...] [--quick] [--out DIR]
 #   DIR defaults to scripts/results/<gpu name>; DIR/gpu_check.json records each step's exit status,
@@ -70,6 +72,10 @@ if wants sanitizer; then
     if command -v compute-sanitizer > /dev/null; then
         run_step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
             "$PY" -m llmpy train --device cuda -e d6 -b 4 -t 64 -x 2 -v 0 -s 0 -o "$out/sanitizer_run"
+        # the fused attention's kernels (T = 96: a whole and a partial tile)
+        run_step sanitizer_flash compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+            "$PY" -m llmpy train --device cuda -e d6 -b 2 -t 96 -x 2 -v 0 -s 0 --flash-attention 1 \
+            -o "$out/sanitizer_flash_run"
     else
         echo "=== sanitizer: compute-sanitizer is not on PATH; skipped"
         printf 'sanitizer\tskipped\t0\tcompute-sanitizer not on PATH\n' >> "$status_file"

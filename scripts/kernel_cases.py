@@ -54,6 +54,7 @@ class Case:
     case: str = ""                        # which instance, for ops with several shapes (matmul)
     module: str = ""                      # llmpy.<backend>.<module> when it differs from op
     baseline_f32: bool = False            # GPU: time the baseline in float32 even for bf16 storage
+    bf16_only: bool = False               # GPU: the kernels exist for bf16 storage only
 
 
 def nb(*arrays) -> int:
@@ -264,6 +265,42 @@ def registry(d: Dims, quick: bool) -> list[Case]:
         ("dinp", "dqkvr", "datt", "scratch", "dout", "qkvr", "att"), ("dinp",),
         att_backward_baseline, "softmax backward + 4 batched matmuls", flops=2 * att_flops,
         baseline_f32=True))
+
+    # ---- the fused (flash) attention, --flash-attention 1: the same math, no T x T buffers; bf16 only
+    #      on the GPU (WMMA). Its causal kernels skip the tiles above the diagonal: half the FLOPs.
+    flash_flops = att_flops / 2
+
+    def lse_of(xp, q, k):
+        s = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(HS))
+        s = xp.where(xp.tril(xp.ones((T, T), dtype=bool)), s, -xp.inf)
+        top = s.max(-1, keepdims=True)
+        return top[..., 0] + xp.log(xp.exp(s - top).sum(-1))
+
+    def flash_forward_baseline(xp, a):
+        q, k, v = heads(xp, a["inp"])
+        return {"out": (softmax_causal(xp, q, k) @ v).transpose(0, 2, 1, 3).reshape(B, T, C), "lse": lse_of(xp, q, k)}
+    cases.append(Case(
+        "attention", "forward", "flash_attention_forward", f"{bt} NH={NH} HS={HS} fused",
+        lambda rng: {"out": zeros(B, T, C), "lse": zeros(B, NH, T), "inp": randn(rng, B, T, 3 * C)},
+        ("out", "lse", "inp"), ("out", "lse"), flash_forward_baseline, "softmax(mask(q k^T / sqrt(HS))) v",
+        flops=flash_flops, case="flash", module="flash_attention", baseline_f32=True, bf16_only=True))
+
+    def flash_backward_make(rng):
+        x = randn(rng, B, T, 3 * C)
+        q, k, v = heads(np, x)
+        out = (softmax_causal(np, q, k) @ v).transpose(0, 2, 1, 3).reshape(B, T, C).astype(np.float32)
+        return {"dinp": zeros(B, T, 3 * C), "delta": zeros(B, NH, T), "dout": randn(rng, B, T, C), "inp": x,
+                "out": out, "lse": lse_of(np, q, k).astype(np.float32)}
+
+    def flash_backward_baseline(xp, a):
+        qkvr = xp.ascontiguousarray(heads(xp, a["inp"]))
+        return att_backward_baseline(xp, {"qkvr": qkvr, "att": softmax_causal(xp, qkvr[0], qkvr[1]),
+                                          "dout": a["dout"]})
+    cases.append(Case(
+        "attention", "backward", "flash_attention_backward", f"{bt} NH={NH} HS={HS} fused", flash_backward_make,
+        ("dinp", "delta", "dout", "inp", "out", "lse"), ("dinp",), flash_backward_baseline,
+        "softmax backward + 4 batched matmuls", flops=flash_flops * 3.5,   # 7 tile products to the forward's 2
+        case="flash", module="flash_attention", baseline_f32=True, bf16_only=True))
 
     # ---- GELU (tanh approximation) on the MLP's (B, T, 4C) activation
     def gelu(xp, x):

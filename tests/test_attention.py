@@ -57,3 +57,30 @@ def test_matches_torch(rng):
     assert_close(buf["out"], out_t.detach().numpy(), atol=1e-5, rtol=1e-5, name="out")
     assert_close(buf["dinp"], x_t.grad.numpy(), atol=1e-5, rtol=1e-5, name="dinp")
     assert buf["out"].dtype == buf["dinp"].dtype == np.float32
+
+
+def test_flash_reference_matches_torch(rng):
+    """The fused variant's contract (flash_attention_forward/backward): the same attention, a
+    log-sum-exp per row, and the gradient recomputed from it, against PyTorch's SDPA and logsumexp."""
+    torch = pytest.importorskip("torch")
+    B, T, NH, HS = 2, 9, 3, 4
+    C = NH * HS
+    x = rng.standard_normal((B, T, 3 * C))
+    dout = rng.standard_normal((B, T, C))
+    out, lse = np.empty((B, T, C)), np.empty((B, NH, T))
+    x_before = x.copy()
+    ref.flash_attention_forward(out, lse, x)
+    dinp, delta = np.full((B, T, 3 * C), np.nan), np.empty((B, NH, T))
+    ref.flash_attention_backward(dinp, delta, dout, x, out, lse)
+    assert np.array_equal(x, x_before), "the input is read only"
+
+    x_t = torch.tensor(x, requires_grad=True)
+    q, k, v = (t.reshape(B, T, NH, HS).transpose(1, 2) for t in x_t.split(C, dim=-1))
+    out_t = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    out_t.backward(torch.from_numpy(dout))
+    scores = (q @ k.transpose(-1, -2)) / HS ** 0.5
+    lse_t = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    assert_close(out, out_t.detach().numpy(), atol=1e-12, name="out")
+    assert_close(lse, lse_t.detach().numpy(), atol=1e-12, name="lse")
+    assert_close(dinp, x_t.grad.numpy(), atol=1e-12, name="dinp")
+    assert_close(delta, (dout * out).reshape(B, T, NH, HS).sum(-1).transpose(0, 2, 1), atol=1e-12, name="delta")

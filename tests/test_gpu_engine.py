@@ -31,6 +31,8 @@ from llmpy.testing import assert_close, bf16_round  # noqa: E402
 TINY = GPTConfig(max_seq_len=32, vocab_size=100, padded_vocab_size=128, num_layers=2, num_heads=4,
                  channels=64)
 D12 = GPTConfig.from_descriptor("d12")
+# head size 64, what the fused attention needs; T = 96 is one whole and one partial 64-row tile
+FLASH = GPTConfig(max_seq_len=96, vocab_size=100, padded_vocab_size=128, num_layers=2, num_heads=2, channels=128)
 F32 = np.dtype(np.float32)
 
 
@@ -71,12 +73,13 @@ def test_mfu_of_gpt2_124m():
 
 
 @pytest.mark.parametrize("cfg,B,T", [(TINY, 3, 32), (D12, 4, 64)], ids=["tiny", "d12"])
-@pytest.mark.parametrize("dtype,master,recompute", [("bf16", True, True), ("bf16", False, False),
-                                                    ("fp32", False, True)])
-def test_buffer_plan_covers_every_buffer(cfg, B, T, dtype, master, recompute):
+@pytest.mark.parametrize("dtype,master,recompute,flash", [("bf16", True, True, False), ("bf16", False, False, False),
+                                                          ("fp32", False, True, False), ("bf16", True, True, True)])
+def test_buffer_plan_covers_every_buffer(cfg, B, T, dtype, master, recompute, flash):
     dt = bf16_dtype() if dtype == "bf16" else F32
     scratch = [("ln_scratch", (1000,), F32), ("encoder_buckets", (2 * B * T + 1,), np.int32)]
-    specs = buffer_specs(cfg, B, T, dtype=dt, master_weights=master, recompute=recompute, scratch=scratch)
+    specs = buffer_specs(cfg, B, T, dtype=dt, master_weights=master, recompute=recompute, flash=flash,
+                         scratch=scratch)
     table = {name: (tuple(shape), np.dtype(d)) for name, shape, d in specs}
     assert len(table) == len(specs), "duplicate buffer names"
     n = num_parameters(cfg)
@@ -87,12 +90,19 @@ def test_buffer_plan_covers_every_buffer(cfg, B, T, dtype, master, recompute):
                 "ln_scratch": ((1000,), F32), "encoder_buckets": ((2 * B * T + 1,), np.dtype(np.int32))}
     if master:
         expected["master"] = ((n,), F32)
-    for name, shape in act_shapes(cfg, B, T).items():
+    for name, shape in act_shapes(cfg, B, T, flash=flash).items():
         shape = shape[1:] if (recompute and name == "fch_gelu") else shape   # one layer, shared
         expected[f"act.{name}"] = (shape, F32 if name in FP32_ACTS else dt)
-    for name, shape in grad_act_shapes(cfg, B, T).items():
-        expected[f"dact.{name}"] = (shape, dt)
+    for name, shape in grad_act_shapes(cfg, B, T, flash=flash).items():
+        expected[f"dact.{name}"] = (shape, F32 if name in FP32_ACTS else dt)
     assert table == expected
+    L, NH = cfg.num_layers, cfg.num_heads
+    t_by_t = {"act.att", "act.qkvr", "dact.datt", "dact.dqkvr", "dact.dscratch"}
+    if flash:   # no T x T buffers; one fp32 statistic per row instead
+        assert not t_by_t & set(table)
+        assert table["act.att_lse"] == ((L, B, NH, T), F32) and table["dact.datt_delta"] == ((B, NH, T), F32)
+    else:
+        assert t_by_t <= set(table) and table["act.att"] == ((L, B, NH, T, T), dt)
 
     plan = Arena.plan(specs)
     slots = sorted(plan.slots, key=lambda s: s.offset)
@@ -124,7 +134,8 @@ def test_engine_options_follow_llmc_defaults():
     base = TrainConfig()
     opts = engine_options(base)
     assert opts == dict(dtype="bf16", batch_size=base.batch_size, seq_len=base.seq_len, master_weights=True,
-                        recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False)
+                        recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False, flash_attention=False)
+    assert engine_options(dataclasses.replace(base, flash_attention=1))["flash_attention"] is True
     fp32 = engine_options(dataclasses.replace(base, dtype="fp32"))
     assert (fp32["dtype"], fp32["master_weights"], fp32["tf32"]) == ("fp32", False, True)
     assert engine_options(dataclasses.replace(base, dtype="fp32", tf32=0))["tf32"] is False
@@ -335,7 +346,7 @@ class RoundedOps:
     OUTPUTS = {"encoder_forward": 1, "encoder_backward": 2, "layernorm_forward": 1, "layernorm_backward": 3,
                "fused_residual_forward": 2, "residual_forward": 1, "matmul_forward": 1, "matmul_backward": 3,
                "attention_forward": 3, "attention_backward": 4, "gelu_forward": 1, "gelu_backward": 1,
-               "fused_classifier": 1}
+               "fused_classifier": 1, "flash_attention_forward": 1, "flash_attention_backward": 1}
 
     def __getattr__(self, name):
         fn = getattr(cpu, name)
@@ -396,7 +407,9 @@ def test_fp32_step_matches_cpu_reference(backend, cfg, B, T):
     (TINY, 3, 32, dict(recompute=False)),                  # -r 0: every layer keeps its GELU output
     (TINY, 3, 32, dict(gelu_fusion=1)),                    # -ge 1: GELU in the fc matmul's epilogue
     (TINY, 3, 32, dict(gelu_fusion=2)),                    # -ge 2: and DGELU in its backward
-    pytest.param(D12, 4, 64, {}, marks=pytest.mark.slow)], ids=["tiny", "tiny-r0", "tiny-ge1", "tiny-ge2", "d12"])
+    (FLASH, 2, 96, dict(flash_attention=True)),            # --flash-attention 1 (the reference: materialised)
+    pytest.param(D12, 4, 64, {}, marks=pytest.mark.slow)],
+    ids=["tiny", "tiny-r0", "tiny-ge1", "tiny-ge2", "flash", "d12"])
 def test_bf16_step_within_error_budget(backend, cfg, B, T, options):
     """Error budget (STYLE.md §8): max|gpu - fp32| <= 4 max|plain bf16 - fp32| + floor, per tensor; the
     fp32 and bf16-emulating references run on the same bf16-rounded weights. Plus llm.c's criterion."""
@@ -405,6 +418,7 @@ def test_bf16_step_within_error_budget(backend, cfg, B, T, options):
     exact = reference_step(cpu, cfg, params, inp, tgt)
     lowp = reference_step(RoundedOps(), cfg, params, inp, tgt)
     with gpu_model(cfg, B, T, params, dtype="bf16", **options) as model:
+        assert model.flash_attention == options.get("flash_attention", False)
         got = gpu_step(model, inp, tgt)
         if backend == "emulator":                           # which cuBLASLt epilogues the step used
             from llmpy.gpu import cublaslt
@@ -445,11 +459,13 @@ def test_ten_steps_track_cpu_reference(backend, dtype, tol):                    
     np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"gelu_fusion": 2, "recompute": False}], ids=["default", "ge2-r0"])
-def test_graph_replay_matches_eager_bitwise(backend, options):
+@pytest.mark.parametrize("cfg,B,T,options", [(TINY, 4, 32, {}), (TINY, 4, 32, {"gelu_fusion": 2, "recompute": False}),
+                                             (FLASH, 1, 96, {"flash_attention": True})],
+                         ids=["default", "ge2-r0", "flash"])
+def test_graph_replay_matches_eager_bitwise(backend, cfg, B, T, options):
     """Graphs on and off give the same bits: losses, params and AdamW state. Two phases, with 2 and
-    then 1 micro-steps per step: dloss changes in between, so the micro-step graph is captured again."""
-    cfg, B, T = TINY, 4, 32
+    then 1 micro-steps per step: dloss changes in between, so the micro-step graph is captured again.
+    Also shows that every kernel is deterministic (the fused attention's backward has no atomics)."""
     params = make_params(cfg)
     batches = make_batches(cfg, B, T, n=3)
     eval_batch = make_batches(cfg, B, T, seed=9)[0]
@@ -601,7 +617,18 @@ def test_train_setup_prints_device_and_builds_the_engine(backend):
     with make_model(TINY, make_params(TINY)) as model:
         assert isinstance(model, GPUGPT) and model.checkpoint_dtype == "bf16" and model.master is not None
         assert model.graph is not None and (model.B, model.T) == (2, 32)
-        assert model.mfu(64, 1.0, 32) != 0
+        assert model.mfu(64, 1.0, 32) != 0 and not model.flash_attention
+    assert "flash attention: 0" in lines[2]
+    # --flash-attention 1 where the fused kernels do not apply (head size 16; fp32): said, and not used
+    lines.clear()
+    _, make_model = train_setup(TrainConfig(batch_size=2, seq_len=32, flash_attention=1), log=lines.append)
+    with make_model(TINY, make_params(TINY)) as model:
+        assert not model.flash_attention and "act.att" in model.arena.views
+    assert lines[-1] == ("flash attention: needs bf16 and head size 64 (have bfloat16, 16); "
+                         "using the materialised attention")
+    _, make_model = train_setup(TrainConfig(batch_size=1, seq_len=96, flash_attention=1), log=lines.append)
+    with make_model(FLASH, make_params(FLASH)) as model:
+        assert model.flash_attention and "act.att_lse" in model.arena.views and "act.att" not in model.arena.views
 
 
 # -------------------------------------------------------------------------------------------------

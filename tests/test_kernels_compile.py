@@ -240,6 +240,22 @@ def launches(monkeypatch):
     return calls
 
 
+def test_crt_headers_are_found_where_the_runtime_headers_lack_them(tmp_path, monkeypatch):
+    """<mma.h> includes crt/mma.h: from the runtime header directory when it has it (CUDA 13 with
+    nvidia-cuda-crt, or a toolkit), else from pathfinder's "nvcc" headers (nvidia-cuda-nvcc-cu12)."""
+    from cuda import pathfinder
+    runtime, nvcc = tmp_path / "runtime", tmp_path / "nvcc"
+    for d in (runtime, nvcc):
+        (d / "crt").mkdir(parents=True)
+    dirs = {"cudart": str(runtime), "nvcc": str(nvcc)}
+    monkeypatch.setattr(pathfinder, "find_nvidia_header_directory", lambda lib: dirs.get(lib))
+    assert K.crt_include() == ()                                  # neither has it: nothing to add
+    (nvcc / "crt" / "mma.h").write_text("")
+    assert K.crt_include() == (f"-I{nvcc}",)
+    (runtime / "crt" / "mma.h").write_text("")
+    assert K.crt_include() == ()                                  # CuPy's own -I covers it
+
+
 def test_launch_refuses_none_for_a_pointer():
     # CuPy would launch it with a non-NULL garbage pointer (cupy/cupy#9046); K.NULL is 8 zero bytes
     with pytest.raises(ValueError, match=r"^gelu_forward_kernel<float>: None .*cupy/cupy#9046"):
@@ -458,9 +474,9 @@ def test_flash_attention_launchers(launches):
     assert all(max(c["shared_mem"], 1) <= 227 * 1024 for c in launches)
 
     assert fa.supports(BF16, 64) and not fa.supports(np.float32, 64) and not fa.supports(BF16, 32)
-    with pytest.raises(ValueError, match=r"^qkv: dtype float32, expected bfloat16"):
+    with pytest.raises(ValueError, match=r"^inp: dtype float32, expected bfloat16"):
         fa.flash_attention_forward(out, lse, fake(qkv.shape))
-    with pytest.raises(ValueError, match=r"^qkv: shape \(3, 100, 192\) with 2 heads .*head size 64"):
+    with pytest.raises(ValueError, match=r"^inp: shape \(3, 100, 192\) with 2 heads .*head size 64"):
         fa.flash_attention_forward(out, lse, fake((B, T, 3 * 32 * NH), BF16))
     with pytest.raises(ValueError, match=r"^lse: shape \(3, 2, 99\)"):
         fa.flash_attention_forward(out, fake((B, NH, T - 1)), qkv)

@@ -71,13 +71,15 @@ def torch_loss(model, inp, tgt):
     return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(tgt).long().flatten())
 
 
-@pytest.mark.parametrize("cfg,B,T,tol", [(TINY, 3, 17, 2e-5),
-                                         pytest.param(GPTConfig.from_descriptor("d12"), 4, 64, 2e-4,
-                                                      marks=pytest.mark.slow)],
-                         ids=["tiny", "gpt2-124M"])
-def test_forward_backward_match_transformers(cfg, B, T, tol):
+@pytest.mark.parametrize("cfg,B,T,tol,flash", [(TINY, 3, 17, 2e-5, False),
+                                               (TINY, 3, 17, 2e-5, True),    # the fused attention's ops
+                                               pytest.param(GPTConfig.from_descriptor("d12"), 4, 64, 2e-4, False,
+                                                            marks=pytest.mark.slow)],
+                         ids=["tiny", "tiny-flash", "gpt2-124M"])
+def test_forward_backward_match_transformers(cfg, B, T, tol, flash):
     flat, inp, tgt = setup(cfg, B, T)
     model = GPT(cfg, cpu, params=flat)
+    model.flash_attention = flash
     logits = model.forward(inp)[..., :cfg.vocab_size].copy()
     loss = model.loss(tgt)
     model.forward(inp)
@@ -95,6 +97,7 @@ def test_forward_backward_match_transformers(cfg, B, T, tol):
         scale = max(float(np.abs(ref_g[name]).max()), 1e-6)   # tolerance relative to the tensor's scale
         assert_close(grad, ref_g[name], atol=tol * scale, rtol=tol, name=f"d{name}")
     assert not model.g["wte"][cfg.vocab_size:].any(), "padded vocab rows must get no gradient"
+    assert ("att" in model.acts(B, T)) != flash and ("att_lse" in model.acts(B, T)) == flash
 
 
 def test_ten_adamw_steps_follow_torch():

@@ -51,12 +51,13 @@ def storage_dtype(name: str) -> np.dtype:
 
 
 def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bool, recompute: bool,
-                 scratch=()) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+                 flash: bool = False, scratch=()) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """Every buffer a (B, T) training step touches, as Arena specs (name, shape, dtype), in order.
 
     params/grads: dtype; AdamW m, v and master weights: fp32; activations as `act_shapes` (LN statistics
     and losses fp32) prefixed 'act.', with recompute one layer's GELU output shared by all layers
-    (llm.c -r 1); activation gradients prefixed 'dact.'; then `scratch` (the ops' own (name, shape,
+    (llm.c -r 1), with flash the fused attention's (no T x T buffers); activation gradients prefixed
+    'dact.' (fp32 for the fused attention's delta); then `scratch` (the ops' own (name, shape,
     dtype) scratch specs), the token buffers and AdamW's step values that graph replays read, the norm
     and the cuBLASLt workspace.
     """
@@ -64,11 +65,12 @@ def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bo
     specs = [("params", (n,), dtype), ("grads", (n,), dtype), ("adam_m", (n,), F32), ("adam_v", (n,), F32)]
     if master_weights:
         specs.append(("master", (n,), F32))
-    for name, shape in act_shapes(config, B, T).items():
+    for name, shape in act_shapes(config, B, T, flash=flash).items():
         if recompute and name == "fch_gelu":
             shape = shape[1:]
         specs.append((f"act.{name}", shape, F32 if name in FP32_ACTS else dtype))
-    specs += [(f"dact.{name}", shape, dtype) for name, shape in grad_act_shapes(config, B, T).items()]
+    specs += [(f"dact.{name}", shape, F32 if name in FP32_ACTS else dtype)
+              for name, shape in grad_act_shapes(config, B, T, flash=flash).items()]
     specs += [(name, tuple(shape), np.dtype(dt)) for name, shape, dt in scratch]
     specs += [("inp", (B, T), I32), ("targets", (B, T), I32), ("adamw_scalars", (4,), F32),
               ("adamw_seeds", (NUM_TENSORS,), U32), ("norm", (1,), F32),
@@ -90,7 +92,8 @@ def engine_options(cfg) -> dict:
     return dict(dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
-                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32")
+                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32",
+                flash_attention=bool(cfg.flash_attention))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def train_setup(cfg, *, log=print):
     else:
         log(f"precision: fp32, TF32 matmuls {'on' if opts['tf32'] else 'off'} (-f {cfg.tf32})")
     log(f"cuda graph: {'on' if opts['cuda_graph'] else 'off'}; recompute: {cfg.recompute}; "
-        f"gelu fusion: {cfg.gelu_fusion}")
+        f"gelu fusion: {cfg.gelu_fusion}; flash attention: {cfg.flash_attention}")
 
     def make_model(config: GPTConfig, params) -> GPUGPT:
         return GPUGPT(config, ops, params=params, log=log, **opts)
@@ -194,14 +197,17 @@ class GPUGPT(GPT):
     dtype 'bf16' (params, grads, activations; fp32 m, v and master) or 'fp32'. batch_size/seq_len: the
     training shape the arena is planned for. params: host float32 (N,) or None (zeros). recompute and
     gelu_fusion take effect when model.py provides the hooks (GPT.recompute_gelu / GPT.gelu_fusion).
+    flash_attention: the fused attention kernels (bf16 with head size 64 only; otherwise the engine
+    says so and keeps llm.c's materialised path).
     """
 
     def __init__(self, config: GPTConfig, ops, *, dtype="bf16", params=None, batch_size: int,
                  seq_len: int, master_weights=True, recompute=True, gelu_fusion=0, cuda_graph=True,
-                 tf32=False, log=print):
+                 tf32=False, flash_attention=False, log=print):
         import cupy as cp
 
         from llmpy.gpu.arena import Arena
+        from llmpy.gpu.flash_attention import supports as flash_supports
         from llmpy.gpu.graph import StepGraph
         if seq_len > config.max_seq_len:
             raise LlmpyError(f"sequence length {seq_len} exceeds the model's max_seq_len "
@@ -217,12 +223,17 @@ class GPUGPT(GPT):
             log("recompute: off (model.py keeps every layer's GELU output)")
         if gelu_fusion and not self.gelu_fusion:
             log(f"gelu fusion: -ge {gelu_fusion} needs model.py support; using 0")
+        self.flash_attention = bool(flash_attention) and flash_supports(self.dtype, config.head_size)
+        if flash_attention and not self.flash_attention:
+            log(f"flash attention: needs bf16 and head size 64 (have {np.dtype(self.dtype).name}, "
+                f"{config.head_size}); using the materialised attention")
         self._acts, self._closed, self.lt, self._prev_lt = {}, False, None, None
         self.graph = StepGraph(log=log) if cuda_graph else None
         self.update_graph = StepGraph(log=log) if cuda_graph else None
         scratch = _op_scratch(config, batch_size, seq_len, self.dtype)
         self.arena = Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
-                                        master_weights=self.master_weights, recompute=self.recompute_gelu))
+                                        master_weights=self.master_weights, recompute=self.recompute_gelu,
+                                        flash=self.flash_attention))
         try:
             self.arena.open()
         except cp.cuda.memory.OutOfMemoryError:

@@ -9,7 +9,7 @@ T x T traffic that dominates the materialised path's memory time goes away.
 
     forward:  out (B, T, C) = softmax(q k^T / sqrt(64), causal) v,  lse (B, NH, T)
     backward: delta = rowsum(dout * out), then dk|dv (one block per key tile) and dq (one per query
-              tile) into dqkv (B, T, 3C): deterministic, no atomics
+              tile) into dinp (B, T, 3C): deterministic, no atomics
 """
 import math
 
@@ -42,14 +42,14 @@ def grid(B: int, T: int, NH: int) -> tuple[int, int]:
     return (K.ceil_div(T, TILE), B * NH)
 
 
-def _check(qkv, lse):
-    """(B, T, NH, C) from qkv (B, T, 3C) bf16 and lse (B, NH, T) fp32, with C = NH * 64."""
-    K.check("qkv", qkv, dtype=K.BF16, ndim=3, aligned=True)
-    B, T, C3 = qkv.shape
+def _check(inp, lse):
+    """(B, T, NH, C) from inp (B, T, 3C) bf16 and lse (B, NH, T) fp32, with C = NH * 64."""
+    K.check("inp", inp, dtype=K.BF16, ndim=3, aligned=True)
+    B, T, C3 = inp.shape
     K.check("lse", lse, dtype=K.F32, ndim=3)
     NH = lse.shape[1]
     if C3 != 3 * NH * HEAD_SIZE:
-        raise ValueError(f"qkv: shape {qkv.shape} with {NH} heads (lse {lse.shape}): flash attention needs "
+        raise ValueError(f"inp: shape {inp.shape} with {NH} heads (lse {lse.shape}): flash attention needs "
                          f"3 * NH * {HEAD_SIZE} channels (head size {HEAD_SIZE})")
     K.check("lse", lse, shape=(B, NH, T))
     return B, T, NH, C3 // 3
@@ -59,28 +59,28 @@ def _check_bf16(name, a, shape):
     K.check(name, a, dtype=K.BF16, shape=shape, aligned=True)
 
 
-def flash_attention_forward(out, lse, qkv):
+def flash_attention_forward(out, lse, inp):
     """Causal self-attention from packed q|k|v, fused.
 
-    qkv (B, T, 3C) bf16: q, k, v side by side, each C = NH heads of 64; read only (the backward reads it).
+    inp (B, T, 3C) bf16: q, k, v side by side, each C = NH heads of 64; read only (the backward reads it).
     out (B, T, C) bf16: overwritten with the heads' outputs, concatenated.
     lse (B, NH, T) fp32: overwritten with log sum_j exp(q_t.k_j / 8) over j <= t, saved for the backward.
     """
-    B, T, NH, C = _check(qkv, lse)
+    B, T, NH, C = _check(inp, lse)
     _check_bf16("out", out, (B, T, C))
     K.launch(FILE, "flash_attention_forward_kernel", grid(B, T, NH), (THREADS,),
-             (out, lse, qkv, K.i32(B), K.i32(T), K.i32(NH), K.f32(1.0 / math.sqrt(HEAD_SIZE))),
+             (out, lse, inp, K.i32(B), K.i32(T), K.i32(NH), K.f32(1.0 / math.sqrt(HEAD_SIZE))),
              shared_mem=FORWARD_SMEM)
 
 
-def flash_attention_backward(dqkv, delta, dout, qkv, out, lse, *, delta_block_size=DELTA_BLOCK_SIZE):
-    """Gradient of flash_attention_forward with respect to qkv.
+def flash_attention_backward(dinp, delta, dout, inp, out, lse, *, delta_block_size=DELTA_BLOCK_SIZE):
+    """Gradient of flash_attention_forward with respect to inp.
 
-    dqkv (B, T, 3C) bf16: OVERWRITTEN with d(q|k|v). dout (B, T, C) bf16; qkv, out and lse as the
+    dinp (B, T, 3C) bf16: OVERWRITTEN with d(q|k|v). dout (B, T, C) bf16; inp, out and lse as the
     forward left them. delta (B, NH, T) fp32: scratch, overwritten with rowsum(dout * out).
     """
-    B, T, NH, C = _check(qkv, lse)
-    _check_bf16("dqkv", dqkv, (B, T, 3 * C))
+    B, T, NH, C = _check(inp, lse)
+    _check_bf16("dinp", dinp, (B, T, 3 * C))
     _check_bf16("dout", dout, (B, T, C))
     _check_bf16("out", out, (B, T, C))
     K.check("delta", delta, dtype=K.F32, shape=(B, NH, T))
@@ -89,6 +89,6 @@ def flash_attention_backward(dqkv, delta, dout, qkv, out, lse, *, delta_block_si
     sizes = (K.i32(B), K.i32(T), K.i32(NH))
     K.launch_1d(FILE, "flash_attention_delta_kernel", B * T * NH, block, (delta, dout, out, *sizes))
     K.launch(FILE, "flash_attention_backward_dkdv_kernel", grid(B, T, NH), (THREADS,),
-             (dqkv, dout, qkv, lse, delta, *sizes, scale), shared_mem=DKDV_SMEM)
+             (dinp, dout, inp, lse, delta, *sizes, scale), shared_mem=DKDV_SMEM)
     K.launch(FILE, "flash_attention_backward_dq_kernel", grid(B, T, NH), (THREADS,),
-             (dqkv, dout, qkv, lse, delta, *sizes, scale), shared_mem=DQ_SMEM)
+             (dinp, dout, inp, lse, delta, *sizes, scale), shared_mem=DQ_SMEM)
