@@ -514,14 +514,16 @@ def test_resume_is_bit_exact(backend, dtype, tmp_path):
     assert again == rest, f"{again} != {rest}"
 
 
-@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 0.05)])
-def test_sampling_and_hellaswag_match_the_cpu_model(backend, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,flash", [("fp32", 1e-4, False), ("bf16", 0.05, False), ("bf16", 0.05, True)],
+                         ids=["fp32", "bf16", "bf16-flash"])
+def test_sampling_and_hellaswag_match_the_cpu_model(backend, dtype, tol, flash):
     """The two inference paths of the trainer on the engine: llm.c-style sampling (B=1 forwards from
     the pool, padded T) and HellaSwag completion losses (training-shape forwards through the arena,
-    non-contiguous V-of-Vp logits slices read back), against the CPU model with the same weights."""
+    non-contiguous V-of-Vp logits slices read back), against the CPU model with the same weights.
+    With flash, the fused attention at those other shapes too (B=1, T up to 96)."""
     from llmpy.hellaswag import Example, completion_losses
     from llmpy.sample import generate
-    cfg, B, T = TINY, 4, 32
+    cfg, B, T = (FLASH, 4, 96) if flash else (TINY, 4, 32)
     params = make_params(cfg)
     params = bf16_round(params) if dtype == "bf16" else params
     rng = np.random.default_rng(5)
@@ -531,7 +533,8 @@ def test_sampling_and_hellaswag_match_the_cpu_model(backend, dtype, tol):
     cpu_model = GPT(cfg, cpu, params=params)
     ref_losses, _ = completion_losses(cpu_model, examples, B, T)
     ref_tokens = generate(cpu_model, [cfg.vocab_size - 1], 20, XorShiftStar(42), max_len=T)
-    with gpu_model(cfg, B, T, params, dtype=dtype, cuda_graph=True) as model:
+    with gpu_model(cfg, B, T, params, dtype=dtype, cuda_graph=True, flash_attention=flash) as model:
+        assert model.flash_attention == flash
         losses, _ = completion_losses(model, examples, B, T)
         tokens = generate(model, [cfg.vocab_size - 1], 20, XorShiftStar(42), max_len=T)
     np.testing.assert_allclose(losses, ref_losses, atol=tol, rtol=0)
