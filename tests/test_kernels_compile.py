@@ -14,6 +14,7 @@
 Skipped only when CuPy or NVRTC cannot be imported.
 """
 import itertools
+import pathlib
 import shutil
 import subprocess
 
@@ -249,9 +250,14 @@ def test_crt_headers_are_found_where_the_runtime_headers_lack_them(tmp_path, mon
         (d / "crt").mkdir(parents=True)
     dirs = {"cudart": str(runtime), "nvcc": str(nvcc)}
     monkeypatch.setattr(pathfinder, "find_nvidia_header_directory", lambda lib: dirs.get(lib))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (nvcc / "cuda_bf16.h").write_text("")                       # a toolkit's other headers
     assert K.crt_include() == ()                                  # neither has it: nothing to add
     (nvcc / "crt" / "mma.h").write_text("")
-    assert K.crt_include() == (f"-I{nvcc}",)
+    (flag,) = K.crt_include()
+    include = pathlib.Path(flag[2:])
+    assert sorted(p.name for p in include.iterdir()) == ["crt"]   # only crt/, nothing to shadow
+    assert (include / "crt" / "mma.h").is_file() and K.crt_include() == (flag,)   # and again: reused
     (runtime / "crt" / "mma.h").write_text("")
     assert K.crt_include() == ()                                  # CuPy's own -I covers it
 

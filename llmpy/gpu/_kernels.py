@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import pathlib
 
 import cupy as cp
@@ -100,11 +101,13 @@ def source_hash(cuda_dir: pathlib.Path | str = CUDA_DIR) -> str:
 
 
 def crt_include() -> tuple[str, ...]:
-    """`-I<dir>` for the directory that holds crt/mma.h, when the CUDA runtime headers CuPy compiles
+    """`-I<dir>` for a directory that holds crt/mma.h, when the CUDA runtime headers CuPy compiles
     with lack it; else (). <mma.h> (WMMA, cuda/flash_attention.cu) includes crt/mma.h, which the
     runtime header wheels do not ship: for CUDA 13 the nvidia-cuda-crt wheel adds it to the same
     directory (the cuda13 extra installs it), for CUDA 12 it is in nvidia-cuda-nvcc-cu12, which
-    pathfinder knows as the "nvcc" headers, as it knows a toolkit's include directory."""
+    pathfinder knows as the "nvcc" headers, as it knows a toolkit's include directory. The -I goes
+    before CuPy's own, so it names a directory holding only a link to that crt/: the rest of a
+    toolkit's headers must not shadow the ones that match NVRTC (cupy-notes.md §1.8)."""
     try:
         from cuda import pathfinder
     except ImportError:
@@ -118,9 +121,17 @@ def crt_include() -> tuple[str, ...]:
     runtime, nvcc = headers("cudart"), headers("nvcc")
     if runtime is None or (pathlib.Path(runtime) / "crt" / "mma.h").is_file():
         return ()
-    if nvcc is not None and (pathlib.Path(nvcc) / "crt" / "mma.h").is_file():
-        return (f"-I{nvcc}",)
-    return ()
+    if nvcc is None or not (pathlib.Path(nvcc) / "crt" / "mma.h").is_file():
+        return ()
+    crt = pathlib.Path(nvcc).resolve() / "crt"
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    include = cache / "llmpy" / f"crt-{hashlib.sha1(str(crt).encode()).hexdigest()[:12]}"
+    include.mkdir(parents=True, exist_ok=True)
+    try:
+        (include / "crt").symlink_to(crt, target_is_directory=True)
+    except FileExistsError:      # made earlier, or by another process just now
+        pass
+    return (f"-I{include}",)
 
 
 @functools.cache
