@@ -151,6 +151,26 @@ def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
             assert not kinds & {"ld.v4", "st.v4"}, f"{kernel} is vectorised but not listed: {sorted(kinds)}"
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_flash_attention_multiplies_on_tensor_cores(tmp_path):
+    """The fused attention's products are bf16 x bf16 -> fp32 tensor-core MMAs (wmma.mma.sync in
+    the PTX), 16 per 16 x 64 x 64 tile product; the delta kernel has none."""
+    import re
+    ptx = tmp_path / "out.ptx"
+    nvcc_every_instantiation("flash_attention.cu", tmp_path, "-ptx", "-o", str(ptx))
+    mmas: dict[str, list] = {}
+    kernel = None
+    for line in ptx.read_text().splitlines():
+        if m := re.search(r"\.entry _Z(\d+)(\w+)\(", line):
+            kernel = m.group(2)[:int(m.group(1))]
+            mmas[kernel] = []
+        elif kernel and (m := re.search(r"wmma\.mma\.sync\.aligned\.(\w+)\.(\w+)\.m16n16k16\.([\w.]+)", line)):
+            mmas[kernel].append(m.group(3))
+    assert mmas.pop("flash_attention_delta_kernel") == []
+    for kernel, types in mmas.items():      # forward: 2 tile products, dkdv: 4, dq: 3 (loops unrolled)
+        assert set(types) == {"f32.bf16.bf16.f32"} and len(types) % 16 == 0 and len(types) >= 32, (kernel, len(types))
+
+
 def parse_resource_usage(text: str) -> dict:
     """{mangled kernel: registers, smem (static bytes), stack, spill_stores, spill_loads} from the
     `ptxas info` lines that nvcc --resource-usage prints."""
