@@ -18,8 +18,9 @@ must agree.
         llmpy's set-up and first step; torch (run first) the growth of the process's peak RSS.
   cuda  llmpy: llmpy.gpu.engine.GPUGPT (bf16, fp32 master weights, the trainer's defaults), eagerly and,
         when the engine supports it, replaying a CUDA graph, and with the fused attention
-        (--flash-attention 1, graph) where the model's head size is 64 (--no-flash skips it). GPU busy time is measured by queueing the
-        step behind a long matmul so the GPU never waits for the host; host overhead = wall - busy.
+        (--flash-attention 1, graph) where the model's head size is 64 (--no-flash skips it). GPU busy
+        time is measured by queueing the step behind a long matmul so the GPU never waits for the host;
+        host overhead = wall - busy.
         torch: PlainGPT2, torch.compile, bf16 autocast, flash attention (SDPA), fused AdamW.
         Peak memory: CuPy's pool / torch.cuda.max_memory_allocated.
 
@@ -430,7 +431,8 @@ def main(argv=None) -> int:
             first = result["llmpy_flash"]["losses"][0]
             result["first_step_loss"]["llmpy_flash"] = first
             ok = ok and math.isclose(first, b[0], rel_tol=LOSS_RTOL[args.device])
-            result["ratio_ms_llmpy_flash_over_torch"] = result["llmpy_flash"]["ms_per_step"] / result["torch"]["ms_per_step"]
+            flash_ms = result["llmpy_flash"]["ms_per_step"]
+            result["ratio_ms_llmpy_flash_over_torch"] = flash_ms / result["torch"]["ms_per_step"]
             print(f"first-step loss with flash attention: {first:.6f}; "
                   f"ms/step llmpy flash / torch = {result['ratio_ms_llmpy_flash_over_torch']:.3f}")
     result["process_peak_rss_mb"] = maxrss_mb()

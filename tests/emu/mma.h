@@ -69,7 +69,8 @@ template <int M, int N, int K>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t l) {
     detail::check_pointer(p, ldm, sizeof(float), "wmma::load_matrix_sync");
     for (int r = 0; r < M; r++)
-        for (int c = 0; c < N; c++) f.x[r * N + c] = l == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
+        for (int c = 0; c < N; c++)
+            f.x[r * N + c] = l == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
 }
 
 // each lane stores its share of the tile (element i by lane i % 32), as on a GPU, where a lane holds
