@@ -130,17 +130,8 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
 @pytest.mark.parametrize("filename", CU_FILES)
 def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
     """In the PTX, a Packed128 access is ld/st.global.v4 (4 x 32 bits); nothing in the source says so."""
-    import re
-    ptx = tmp_path / "out.ptx"
-    nvcc_every_instantiation(filename, tmp_path, "-ptx", "-o", str(ptx))
-    access: dict[str, set] = {}
-    kernel = None
-    for line in ptx.read_text().splitlines():
-        if m := re.search(r"\.entry _Z(\d+)(\w+)\(", line):       # mangled: _Z<length><name>I...
-            kernel = m.group(2)[:int(m.group(1))]
-            access.setdefault(kernel, set())
-        elif kernel and (m := re.search(r"\b(ld|st)\.global((?:\.\w+)*)", line)):
-            access[kernel].add(m.group(1) + (".v4" if ".v4" in m.group(2) else ""))
+    access = {kernel: {m.group(1) + (".v4" if ".v4" in m.group(2) else "") for m in matches}
+              for kernel, matches in ptx_matches(filename, tmp_path, r"\b(ld|st)\.global((?:\.\w+)*)").items()}
     assert set(access) == {e.split("<")[0] for e in K.NAME_EXPRESSIONS[filename]}
     for kernel, kinds in access.items():
         if kernel in X128_KERNELS:
@@ -155,20 +146,27 @@ def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
 def test_flash_attention_multiplies_on_tensor_cores(tmp_path):
     """The fused attention's products are bf16 x bf16 -> fp32 tensor-core MMAs (wmma.mma.sync in
     the PTX), 16 per 16 x 64 x 64 tile product; the delta kernel has none."""
-    import re
-    ptx = tmp_path / "out.ptx"
-    nvcc_every_instantiation("flash_attention.cu", tmp_path, "-ptx", "-o", str(ptx))
-    mmas: dict[str, list] = {}
-    kernel = None
-    for line in ptx.read_text().splitlines():
-        if m := re.search(r"\.entry _Z(\d+)(\w+)\(", line):
-            kernel = m.group(2)[:int(m.group(1))]
-            mmas[kernel] = []
-        elif kernel and (m := re.search(r"wmma\.mma\.sync\.aligned\.(\w+)\.(\w+)\.m16n16k16\.([\w.]+)", line)):
-            mmas[kernel].append(m.group(3))
+    mmas = {kernel: [m.group(1) for m in matches] for kernel, matches in ptx_matches(
+        "flash_attention.cu", tmp_path, r"wmma\.mma\.sync\.aligned\.\w+\.\w+\.m16n16k16\.([\w.]+)").items()}
     assert mmas.pop("flash_attention_delta_kernel") == []
     for kernel, types in mmas.items():      # forward: 2 tile products, dkdv: 4, dq: 3 (loops unrolled)
         assert set(types) == {"f32.bf16.bf16.f32"} and len(types) % 16 == 0 and len(types) >= 32, (kernel, len(types))
+
+
+def ptx_matches(filename: str, tmp_path, pattern: str) -> dict[str, list]:
+    """{kernel name: the re matches of `pattern` in its PTX body} for cuda/<filename> through nvcc."""
+    import re
+    ptx = tmp_path / "out.ptx"
+    nvcc_every_instantiation(filename, tmp_path, "-ptx", "-o", str(ptx))
+    found: dict[str, list] = {}
+    kernel = None
+    for line in ptx.read_text().splitlines():
+        if m := re.search(r"\.entry _Z(\d+)(\w+)\(", line):       # mangled: _Z<length><name>I...
+            kernel = m.group(2)[:int(m.group(1))]
+            found.setdefault(kernel, [])
+        elif kernel and (m := re.search(pattern, line)):
+            found[kernel].append(m)
+    return found
 
 
 def parse_resource_usage(text: str) -> dict:
