@@ -4,14 +4,11 @@
 // kernel may only load, store, fill and multiply fragments, or apply the same operation to every
 // element of x[]. Here every lane holds the whole tile, row-major, and computes whole products, which
 // is what any kernel that keeps to those rules can observe, except that a store writes only the lane's
-// share (below). The loads and stores check what a GPU
-// requires of them: a 256-bit (32-byte) aligned pointer and a leading dimension that is a multiple of
-// 16 bytes. They are not barriers: on a GPU, shared memory that other lanes wrote is only safe to load
+// share (below). The loads and stores check what a GPU requires of them: a 256-bit (32-byte) aligned
+// pointer and a leading dimension that is a multiple of 16 bytes. They are not barriers: on a GPU, shared memory that other lanes wrote is only safe to load
 // after a __syncwarp, and here a lane that has not reached it has not written yet either, so a missing
 // __syncwarp shows up as NaNs (shared memory starts as 0xff bytes).
 #pragma once
-#include <string>
-
 #include "emu.h"
 
 namespace nvcuda {

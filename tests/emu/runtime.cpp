@@ -339,14 +339,13 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
                 // a GPU gives the block shared_mem bytes; a kernel that wrote past them would have
                 // overwritten another block's shared memory or faulted
                 const auto* bytes = reinterpret_cast<const unsigned char*>(k.dynamic_shared());
-                for (size_t i = shared_mem; i < MAX_DYNAMIC_SHARED_BYTES; i++) {
-                    if (bytes[i] != 0xff) {
-                        snprintf(error, error_len, "%s: block (%u,%u,%u) wrote dynamic shared memory at byte %zu, "
-                                 "past the %zu bytes the launch gave it", name, blockIdx.x, blockIdx.y, blockIdx.z,
-                                 i, shared_mem);
-                        rc = 3;
-                        break;
-                    }
+                for (size_t i = shared_mem; i < MAX_DYNAMIC_SHARED_BYTES && !rc; i++) {
+                    if (bytes[i] == 0xff) continue;
+                    failure = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                              std::to_string(blockIdx.z) + ") wrote dynamic shared memory at byte " +
+                              std::to_string(i) + ", past the " + std::to_string(shared_mem) +
+                              " bytes the launch gave it";
+                    rc = 1;
                 }
             }
         }
@@ -359,7 +358,6 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
     if (rc == 1) snprintf(error, error_len, "%s: %s", name, failure.c_str());
-    if (rc == 3) rc = 1;
     running = nullptr;
     return rc;
 }
