@@ -135,7 +135,7 @@ def act_shapes(cfg: GPTConfig, B: int, T: int, *, flash: bool = False) -> dict[s
     }
     if flash:
         del shapes["qkvr"], shapes["att"]
-        shapes = {**shapes, "att_lse": (L, B, NH, T)}
+        shapes["att_lse"] = (L, B, NH, T)
     return shapes
 
 

@@ -54,20 +54,28 @@ def attention_backward(dinp, dqkvr, datt, scratch, dout, qkvr, att):
     """
     B, T = dinp.shape[:2]
     NH, HS = qkvr.shape[2], qkvr.shape[4]
-    q, k, v = qkvr
-    dq, dk, dv = dqkvr
     scratch[...] = _heads(dout, NH)                          # dy per head (B, NH, T, HS)
-    np.matmul(scratch, v.swapaxes(-1, -2), out=datt)         # d att
-    np.matmul(att.swapaxes(-1, -2), scratch, out=dv)
+    _softmax_attention_backward(dqkvr, datt, scratch, qkvr, att)
+    dinp.reshape(B, T, 3, NH, HS, copy=False)[...] = dqkvr.transpose(1, 3, 0, 2, 4)
+
+
+def _softmax_attention_backward(dqkv, datt, dy, qkv, att, rowdot=None):
+    """dq, dk, dv (dqkv: three (B, NH, T, HS) outputs) of y = att v, att = softmax(q k^T / sqrt(HS)),
+    from dy. datt (B, NH, T, T) is scratch. rowdot (B, NH, T): sum_j att_j datt_j, computed from datt
+    when None (the fused variant passes rowsum(dout * out), the same number)."""
+    q, k, v = qkv
+    dq, dk, dv = dqkv
+    np.matmul(dy, v.swapaxes(-1, -2), out=datt)              # d att
+    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
     # softmax backward, in place: dscore_j = p_j (datt_j - sum_i p_i datt_i), times the scale.
     # p is 0 above the diagonal, so those entries come out exactly 0.
-    rowdot = np.einsum("...j,...j->...", att, datt)[..., None]
-    datt -= rowdot
+    if rowdot is None:
+        rowdot = np.einsum("...j,...j->...", att, datt)
+    datt -= rowdot[..., None]
     datt *= att
-    datt *= 1.0 / math.sqrt(HS)
+    datt *= 1.0 / math.sqrt(q.shape[-1])
     np.matmul(datt, k, out=dq)
     np.matmul(datt.swapaxes(-1, -2), q, out=dk)
-    dinp.reshape(B, T, 3, NH, HS, copy=False)[...] = dqkvr.transpose(1, 3, 0, 2, 4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -103,11 +111,7 @@ def flash_attention_backward(dinp, delta, dout, inp, out, lse):
     NH = lse.shape[1]
     HS = dinp.shape[2] // 3 // NH
     delta[...] = np.einsum("bthd,bthd->bht", dout.reshape(B, T, NH, HS), out.reshape(B, T, NH, HS))
-    logits, (q, k, v) = _scaled_logits(inp, NH)
+    logits, qkvr = _scaled_logits(inp, NH)
     att = np.exp(logits - lse[..., None])                    # exactly 0 above the diagonal
-    dy = _heads(dout, NH)
     dqkv = dinp.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)    # views into dinp
-    np.matmul(att.swapaxes(-1, -2), dy, out=dqkv[2])         # dv
-    dlogits = att * (np.matmul(dy, v.swapaxes(-1, -2)) - delta[..., None]) * (1.0 / math.sqrt(HS))
-    np.matmul(dlogits, k, out=dqkv[0])                       # dq
-    np.matmul(dlogits.swapaxes(-1, -2), q, out=dqkv[1])      # dk
+    _softmax_attention_backward(dqkv, logits, _heads(dout, NH), qkvr, att, rowdot=delta)   # logits: scratch

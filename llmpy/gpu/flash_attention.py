@@ -24,9 +24,10 @@ THREADS = 128            # FA_THREADS: 4 warps of 16 rows each
 DELTA_BLOCK_SIZE = 256
 
 # dynamic shared memory, carved by the kernels in this order (bytes; see flash_attention.cu)
-_TILE_BYTES = TILE * (HEAD_SIZE + 8) * 2                    # a 64 x 64 bf16 tile, row stride 72
-_F32_BYTES = 4 * 16 * (TILE + 4) * 4                        # per-warp 16 x 64 fp32 scratch, row stride 68
-_B16_BYTES = 4 * 16 * (TILE + 8) * 2                        # per-warp 16 x 64 bf16 scratch
+_LDB, _LDS = HEAD_SIZE + 8, TILE + 4                        # FA_LDB (bf16), FA_LDS (fp32) row strides
+_TILE_BYTES = TILE * _LDB * 2                               # a 64 x 64 bf16 tile
+_F32_BYTES = TILE * _LDS * 4                                # every warp's 16 x 64 fp32 scratch
+_B16_BYTES = _TILE_BYTES                                    # every warp's 16 x 64 bf16 scratch: a tile's worth
 FORWARD_SMEM = 3 * _TILE_BYTES + _F32_BYTES + _B16_BYTES                    # Q K V | S | P
 DKDV_SMEM = 4 * _TILE_BYTES + 2 * _F32_BYTES + 2 * _B16_BYTES + 2 * TILE * 4   # K V Q dO | S dP | P dS | lse delta
 DQ_SMEM = 4 * _TILE_BYTES + 2 * _F32_BYTES + _B16_BYTES                     # Q dO K V | S dP | dS
