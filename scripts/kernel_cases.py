@@ -90,13 +90,25 @@ def scatter_add(xp, a, idx, b):
         cupyx.scatter_add(a, idx, b)
 
 
-def softmax_causal(xp, q, k):
-    """Causal softmax(q k^T / sqrt(HS)) over the last axis; q, k (B, NH, T, HS)."""
+def causal_logits(xp, q, k):
+    """q k^T / sqrt(HS) with -inf above the diagonal; q, k (B, NH, T, HS)."""
     T, HS = q.shape[-2], q.shape[-1]
     s = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(HS))
-    s = xp.where(xp.tril(xp.ones((T, T), dtype=bool)), s, -xp.inf)
+    return xp.where(xp.tril(xp.ones((T, T), dtype=bool)), s, -xp.inf)
+
+
+def softmax_causal(xp, q, k):
+    """Causal softmax(q k^T / sqrt(HS)) over the last axis; q, k (B, NH, T, HS)."""
+    s = causal_logits(xp, q, k)
     p = xp.exp(s - s.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
+
+
+def logsumexp_causal(xp, q, k):
+    """log sum_j exp(q_t.k_j / sqrt(HS)) over j <= t: (B, NH, T)."""
+    s = causal_logits(xp, q, k)
+    top = s.max(-1, keepdims=True)
+    return top[..., 0] + xp.log(xp.exp(s - top).sum(-1))
 
 
 def registry(d: Dims, quick: bool) -> list[Case]:
@@ -232,11 +244,13 @@ def registry(d: Dims, quick: bool) -> list[Case]:
     def heads(xp, x):   # (B, T, 3C) -> q, k, v each (B, NH, T, HS)
         return x.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)
 
+    def joined(y):      # (B, NH, T, HS) -> (B, T, C)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
     def att_forward_baseline(xp, a):
         q, k, v = heads(xp, a["inp"])
         p = softmax_causal(xp, q, k)
-        return {"out": (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C), "att": p,
-                "qkvr": xp.stack((q, k, v))}
+        return {"out": joined(p @ v), "att": p, "qkvr": xp.stack((q, k, v))}
     cases.append(Case(
         "attention", "forward", "attention_forward", f"{bt} NH={NH} HS={HS}",
         lambda rng: {"out": zeros(B, T, C), "qkvr": zeros(3, B, NH, T, HS), "att": zeros(B, NH, T, T),
@@ -270,15 +284,9 @@ def registry(d: Dims, quick: bool) -> list[Case]:
     #      on the GPU (WMMA). Its causal kernels skip the tiles above the diagonal: half the FLOPs.
     flash_flops = att_flops / 2
 
-    def lse_of(xp, q, k):
-        s = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(HS))
-        s = xp.where(xp.tril(xp.ones((T, T), dtype=bool)), s, -xp.inf)
-        top = s.max(-1, keepdims=True)
-        return top[..., 0] + xp.log(xp.exp(s - top).sum(-1))
-
     def flash_forward_baseline(xp, a):
         q, k, v = heads(xp, a["inp"])
-        return {"out": (softmax_causal(xp, q, k) @ v).transpose(0, 2, 1, 3).reshape(B, T, C), "lse": lse_of(xp, q, k)}
+        return {"out": joined(softmax_causal(xp, q, k) @ v), "lse": logsumexp_causal(xp, q, k)}
     cases.append(Case(
         "attention", "forward", "flash_attention_forward", f"{bt} NH={NH} HS={HS} fused",
         lambda rng: {"out": zeros(B, T, C), "lse": zeros(B, NH, T), "inp": randn(rng, B, T, 3 * C)},
@@ -288,9 +296,9 @@ def registry(d: Dims, quick: bool) -> list[Case]:
     def flash_backward_make(rng):
         x = randn(rng, B, T, 3 * C)
         q, k, v = heads(np, x)
-        out = (softmax_causal(np, q, k) @ v).transpose(0, 2, 1, 3).reshape(B, T, C).astype(np.float32)
         return {"dinp": zeros(B, T, 3 * C), "delta": zeros(B, NH, T), "dout": randn(rng, B, T, C), "inp": x,
-                "out": out, "lse": lse_of(np, q, k).astype(np.float32)}
+                "out": joined(softmax_causal(np, q, k) @ v).astype(np.float32),
+                "lse": logsumexp_causal(np, q, k).astype(np.float32)}
 
     def flash_backward_baseline(xp, a):
         qkvr = xp.ascontiguousarray(heads(xp, a["inp"]))
