@@ -1,9 +1,10 @@
 // Fused causal self-attention for bf16 storage, HS = 64: FlashAttention-2's algorithm (Dao, 2023,
-// https://arxiv.org/abs/2307.08691) on tensor cores through the WMMA API. The T x T probabilities never
-// go to global memory: a block keeps a 64-row tile of queries in shared memory, walks the key tiles at
-// or before it, and keeps a running (online) softmax, so memory traffic is O(T HS) per head instead of
-// attention.cu's O(T^2). Launched by llmpy/gpu/flash_attention.py; reference llmpy/cpu/attention.py
-// (flash_attention_forward/backward). It plays the part of llm.c's cuDNN path (llmc-facts.md §6.8).
+// https://arxiv.org/abs/2307.08691) on tensor cores through ldmatrix and mma.sync (tensor_core.cuh).
+// The T x T probabilities never go to global memory: a block keeps a 64-row tile of queries, walks the
+// key tiles at or before it, and keeps a running (online) softmax, so memory traffic is O(T HS) per
+// head instead of attention.cu's O(T^2). Launched by llmpy/gpu/flash_attention.py; reference
+// llmpy/cpu/attention.py (flash_attention_forward/backward). It plays the part of llm.c's cuDNN path
+// (llmc-facts.md §6.8).
 //
 // Layouts, no permutes: qkv/dqkv (B, T, 3C), token (b, t) = [q | k | v], each C = NH heads x 64;
 // out/dout (B, T, C); lse/delta (B, NH, T) fp32. scale = 1/sqrt(HS); logits z = scale q.k.
@@ -15,43 +16,41 @@
 // both kernels (7 tile products per pair of tiles instead of FlashAttention-2's 5), so that dq is a sum
 // inside one block instead of atomics across blocks: the backward is deterministic, as llm.c's is.
 //
-// Thread mapping (all kernels but delta): 4 warps, warp w owns rows 16w..16w+15 of the block's 64-row
-// tile and computes their products with 16x16x16 bf16 WMMA (fp32 accumulation). Fragment layouts are
-// opaque, so row-wise work (masking, softmax, rescaling) goes through a per-warp fp32 scratch tile in
-// shared memory, where lane l owns row l/2, columns 32 (l%2) .. 32 (l%2) + 31. Shared tiles have row
-// strides of 72 bf16 / 68 floats: multiples of 16 bytes (WMMA's rule), 32-byte aligned 16-row steps,
-// and rows 4 banks apart. Probabilities and dz are rounded to bf16 before their products (l, the
-// softmax denominator, sums them in fp32). Each kernel carves its dynamic shared memory in the order
-// it takes the regions below; the launcher passes that many bytes (54272, 90624 and 80896) and checks
-// HS = 64 and that every index fits in an int.
+// Thread mapping (all kernels but delta): 4 warps; warp w owns rows 16w..16w+15 of the block's 64-row
+// tile. A 16 x 64 product of the warp lives in registers as 8 C fragments of 16 x 8 (float s[8][4]):
+// lane l holds rows g = l/4 and g + 8, columns 8n + 2t and 8n + 2t + 1 (t = l%4) of fragment n. Row-wise
+// softmax work is done there (a row's 64 values are spread over the 4 lanes of a quad: two xor
+// shuffles), and the fragments, rounded to bf16, are the A operand of the next product (pack_a_fragment):
+// nothing goes through shared memory but the q/k/v/dout tiles themselves and the final 16 x 64 rows,
+// which are staged there for 16-byte global stores. Probabilities and dz are rounded to bf16 before
+// their products (l, the softmax denominator, sums them in fp32).
+//
+// Shared tiles are 64 x 64 bf16 with a row stride of 72 (144 bytes): 16-byte aligned rows for ldmatrix,
+// and the 8 rows one ldmatrix tile reads start 4 banks apart, so they hit all 32 banks once. Each kernel
+// carves its dynamic shared memory in the order it takes the regions below; the launcher passes that
+// many bytes (27648, 37376 and 36864) and checks HS = 64 and that every index fits in an int.
 #include "common.cuh"
-#include <mma.h>
+#include "tensor_core.cuh"
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int FA_HS = 64;                  // head size
 constexpr int FA_TILE = 64;                // rows of a query or key tile
 constexpr int FA_WARPS = 4;
 constexpr int FA_THREADS = FA_WARPS * WARP_SIZE;
-constexpr int FA_ROWS = FA_TILE / FA_WARPS;  // 16 rows per warp: one WMMA tile high
-constexpr int FA_LDB = FA_HS + 8;          // bf16 tile row stride (FA_HS == FA_TILE: one stride for both)
-constexpr int FA_LDS = FA_TILE + 4;        // fp32 scratch row stride
-constexpr int FA_COLS = FA_TILE / 2;       // scratch columns per lane
-constexpr int FA_TILE_BYTES = FA_TILE * FA_LDB * 2;                 // one 64 x 64 bf16 tile
-constexpr int FA_F32_BYTES = FA_WARPS * FA_ROWS * FA_LDS * 4;       // per-warp fp32 16 x 64 scratch, all warps
-constexpr int FA_B16_BYTES = FA_WARPS * FA_ROWS * FA_LDB * 2;       // per-warp bf16 16 x 64 scratch, all warps
+constexpr int FA_ROWS = FA_TILE / FA_WARPS;  // 16 rows per warp: one MMA tile high
+constexpr int FA_LD = FA_HS + 8;           // shared tile row stride (FA_HS == FA_TILE: one stride for all)
+constexpr int FA_TILE_BYTES = FA_TILE * FA_LD * 2;
+constexpr int FA_K16 = FA_HS / 16;         // 16-wide k steps over a head or over a 64-key tile
+constexpr int FA_N8 = FA_TILE / 8;         // 8-wide C fragments across 64 columns
 static_assert(FA_HS == FA_TILE, "one row stride and one product shape serve q/k/v tiles and score tiles");
 
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
-using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;  // B^T of a row-major tile
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+using Acc = float[FA_N8][4];               // a warp's 16 x 64 fp32 rows, as 8 C fragments
+using FragA = unsigned[FA_K16][4];         // a warp's 16 x 64 bf16 rows, as 4 A fragments (16 x 16)
 
 extern __shared__ __align__(128) int4 fa_smem[];
 
-// Carves the dynamic shared memory: consecutive 32-byte aligned regions (every size above is a
-// multiple of 32 bytes).
+// Carves the dynamic shared memory: consecutive 16-byte aligned regions (every size is a multiple of 16).
 struct SmemCursor {
     unsigned char* p;
     __device__ explicit SmemCursor(void* base) : p(static_cast<unsigned char*>(base)) {}
@@ -62,73 +61,87 @@ struct SmemCursor {
     }
 };
 
-// Copies a 64 x 64 bf16 tile whose row i is at src + i * stride into shared memory (row stride FA_LDB),
+// Copies a 64 x 64 bf16 tile whose row i is at src + i * stride into shared memory (row stride FA_LD),
 // 16 bytes per thread and step. Rows i >= valid are zeros (past the end of the sequence).
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int stride, int valid) {
     constexpr int CHUNKS = FA_HS / 8;
     for (int i = threadIdx.x; i < FA_TILE * CHUNKS; i += FA_THREADS) {
         const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        Packed128<bf16> v;
         if (r < valid) {
-            store128(dst + r * FA_LDB + c, load128(src + (size_t)r * stride + c));
+            v = load128(src + (size_t)r * stride + c);
         } else {
-            for (int k = 0; k < 8; k++) dst[r * FA_LDB + c + k] = from_float<bf16>(0.0f);
+            for (int k = 0; k < 8; k++) v[k] = from_float<bf16>(0.0f);
+        }
+        store128(dst + r * FA_LD + c, v);
+    }
+}
+
+// The A fragments of the warp's 16 rows (row stride FA_LD) of a shared tile.
+__device__ __forceinline__ void load_a(FragA& a, const bf16* rows) {
+    const bf16* p = fragment_row(rows, FA_LD, threadIdx.x % WARP_SIZE);
+    for (int k = 0; k < FA_K16; k++) ldmatrix_x4(a[k], p + 16 * k);
+}
+
+// s = a b^T: a the warp's 16 x 64 rows, b a 64 x 64 shared tile (row n of b is column n of the product).
+__device__ __forceinline__ void product_abt(Acc& s, const FragA& a, const bf16* b) {
+    for (int n = 0; n < FA_N8; n++)
+        for (int i = 0; i < 4; i++) s[n][i] = 0.0f;
+    const bf16* p = fragment_row_nk(b, FA_LD, threadIdx.x % WARP_SIZE);
+    for (int k = 0; k < FA_K16; k++) {
+        for (int n = 0; n < FA_N8; n += 2) {      // b rows 8n .. 8n + 15, columns 16k .. 16k + 15
+            unsigned f[4];
+            ldmatrix_x4(f, p + 8 * n * FA_LD + 16 * k);
+            mma_bf16_16816(s[n], a[k], f[0], f[1]);
+            mma_bf16_16816(s[n + 1], a[k], f[2], f[3]);
         }
     }
 }
 
-// One warp: out (16 x 64 fp32, stride FA_LDS) = a (16 x 64) times b (64 x 64), or times b^T when
-// TRANS_B; a and b bf16 in shared memory with row stride FA_LDB.
-template <bool TRANS_B>
-__device__ __forceinline__ void warp_product(float* out, const bf16* a, const bf16* b) {
-    FragA fa[FA_HS / 16];
-    for (int k = 0; k < FA_HS / 16; k++) wmma::load_matrix_sync(fa[k], a + k * 16, FA_LDB);
-    for (int n = 0; n < FA_TILE / 16; n++) {
-        FragC acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int k = 0; k < FA_HS / 16; k++) {
-            if constexpr (TRANS_B) {
-                FragBT fb;
-                wmma::load_matrix_sync(fb, b + n * 16 * FA_LDB + k * 16, FA_LDB);
-                wmma::mma_sync(acc, fa[k], fb, acc);
-            } else {
-                FragB fb;
-                wmma::load_matrix_sync(fb, b + k * 16 * FA_LDB + n * 16, FA_LDB);
-                wmma::mma_sync(acc, fa[k], fb, acc);
-            }
-        }
-        wmma::store_matrix_sync(out + n * 16, acc, FA_LDS, wmma::mem_row_major);
-    }
-}
-
-// One warp: acc (16 x 64, as 4 fragments of 16 columns) += a (16 x 64) times b (64 x 64).
-__device__ __forceinline__ void warp_product_add(FragC (&acc)[FA_HS / 16], const bf16* a, const bf16* b) {
-    FragA fa[FA_TILE / 16];
-    for (int k = 0; k < FA_TILE / 16; k++) wmma::load_matrix_sync(fa[k], a + k * 16, FA_LDB);
-    for (int n = 0; n < FA_HS / 16; n++) {
-        for (int k = 0; k < FA_TILE / 16; k++) {
-            FragB fb;
-            wmma::load_matrix_sync(fb, b + k * 16 * FA_LDB + n * 16, FA_LDB);
-            wmma::mma_sync(acc[n], fa[k], fb, acc[n]);
+// acc += p b: p the warp's 16 x 64 values in C fragments (rounded to bf16 here), b a 64 x 64 shared tile.
+__device__ __forceinline__ void product_add_ab(Acc& acc, const Acc& p, const bf16* b) {
+    const bf16* row = fragment_row(b, FA_LD, threadIdx.x % WARP_SIZE);
+    for (int k = 0; k < FA_K16; k++) {
+        unsigned a[4];
+        pack_a_fragment(a, p[2 * k], p[2 * k + 1]);
+        for (int n = 0; n < FA_N8; n += 2) {      // b rows 16k .. 16k + 15, columns 8n .. 8n + 15
+            unsigned f[4];
+            ldmatrix_x4_trans(f, row + 16 * k * FA_LD + 8 * n);
+            mma_bf16_16816(acc[n], a, f[0], f[1]);
+            mma_bf16_16816(acc[n + 1], a, f[2], f[3]);
         }
     }
 }
 
-// One warp: writes the 16 x 64 fp32 rows held in acc, rounded to bf16, to dst + row * stride (row <
-// valid only), through the warp's fp32 scratch (lane l writes row l/2, 32 columns, 16 bytes at a time).
-__device__ __forceinline__ void warp_store_rows(bf16* dst, int stride, int valid, FragC (&acc)[FA_HS / 16],
-                                                float* scratch) {
-    for (int n = 0; n < FA_HS / 16; n++) {
-        wmma::store_matrix_sync(scratch + n * 16, acc[n], FA_LDS, wmma::mem_row_major);
+// Writes the warp's 16 x 64 rows acc * (inv[0] for rows g, inv[1] for rows g + 8), rounded to bf16, to
+// dst + row * stride for rows < valid: through `stage` (the warp's 16 rows of a shared tile that only
+// this warp reads), then 16 bytes per lane and step.
+__device__ __forceinline__ void store_rows(bf16* dst, int stride, int valid, const Acc& acc, const float (&inv)[2],
+                                           bf16* stage) {
+    const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    __syncwarp();                                            // every lane is done reading stage
+    for (int n = 0; n < FA_N8; n++) {
+        unsigned* top = reinterpret_cast<unsigned*>(stage + g * FA_LD + 8 * n + 2 * t);
+        unsigned* bottom = reinterpret_cast<unsigned*>(stage + (g + 8) * FA_LD + 8 * n + 2 * t);
+        *top = pack_bf16x2(acc[n][0] * inv[0], acc[n][1] * inv[0]);
+        *bottom = pack_bf16x2(acc[n][2] * inv[1], acc[n][3] * inv[1]);
     }
     __syncwarp();
-    const int lane = threadIdx.x % WARP_SIZE, r = lane / 2, c0 = (lane % 2) * FA_COLS;
-    if (r < valid) {
-        for (int j = 0; j < FA_COLS; j += 8) {
-            Packed128<bf16> v;
-            for (int k = 0; k < 8; k++) v[k] = from_float<bf16>(scratch[r * FA_LDS + c0 + j + k]);
-            store128(dst + (size_t)r * stride + c0 + j, v);
-        }
+    constexpr int CHUNKS = FA_HS / 8;
+    for (int i = lane; i < FA_ROWS * CHUNKS; i += WARP_SIZE) {
+        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        if (r < valid) store128(dst + (size_t)r * stride + c, load128(stage + r * FA_LD + c));
     }
+}
+
+// Sum (or max) of one row's values over the 4 lanes of a quad, which hold it together.
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(FULL_MASK, v, 1);
+    return v + __shfl_xor_sync(FULL_MASK, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, 1));
+    return fmaxf(v, __shfl_xor_sync(FULL_MASK, v, 2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -136,8 +149,7 @@ __device__ __forceinline__ void warp_store_rows(bf16* dst, int stride, int valid
 
 __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, int T_, int NH, float scale) {
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int r = lane / 2, c0 = (lane % 2) * FA_COLS;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE;    // longest rows (most key tiles) first
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     const int C = NH * FA_HS, stride = 3 * C;
@@ -149,54 +161,61 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
-    float* S = cur.take<float>(FA_F32_BYTES) + warp * FA_ROWS * FA_LDS;    // this warp's scratch
-    bf16* P = cur.take<bf16>(FA_B16_BYTES) + warp * FA_ROWS * FA_LDB;
+    bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // read only by this warp: the output's stage
 
     load_tile(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
-    const int t = q0 + warp * FA_ROWS + r;                   // this lane's query (t >= T_: padding row)
-    float m = neg_infinity(), l = 0.0f, o[FA_COLS];          // running max of q.k, sum, output columns
-    for (int j = 0; j < FA_COLS; j++) o[j] = 0.0f;
+    __syncthreads();
+    FragA qf;
+    load_a(qf, my_rows);                                     // q stays in registers
+    const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};   // >= T_: padding rows
+    float m[2] = {neg_infinity(), neg_infinity()};           // running max of q.k per row
+    float l[2] = {0.0f, 0.0f};                               // this lane's part of the running sum
+    Acc o;
+    for (int n = 0; n < FA_N8; n++)
+        for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
 
     for (int k0 = 0; k0 <= q0; k0 += FA_TILE) {              // key tiles at or before the query tile
         __syncthreads();                                     // the previous tile's K and V are not read any more
         load_tile(Ks, k + (size_t)k0 * stride, stride, T_ - k0);
         load_tile(Vs, v + (size_t)k0 * stride, stride, T_ - k0);
         __syncthreads();
-        warp_product<true>(S, Qs + warp * FA_ROWS * FA_LDB, Ks);    // S = q k^T (unscaled)
-        __syncwarp();
-        // online softmax over the lane's 32 columns; key k0 <= t, so every row has a finite maximum
-        float s[FA_COLS], tile_max = neg_infinity();
-        for (int j = 0; j < FA_COLS; j++) {
-            s[j] = k0 + c0 + j <= t ? S[r * FA_LDS + c0 + j] : neg_infinity();
-            tile_max = fmaxf(tile_max, s[j]);
+        Acc s;
+        product_abt(s, qf, Ks);                              // q k^T, unscaled
+        if (k0 == q0) {                                      // the diagonal tile: keys after the query
+            for (int n = 0; n < FA_N8; n++)
+                for (int i = 0; i < 4; i++)
+                    if (k0 + 8 * n + 2 * t4 + i % 2 > row[i / 2]) s[n][i] = neg_infinity();
         }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(FULL_MASK, tile_max, 1));
-        const float m_new = fmaxf(m, tile_max);
-        const float correction = __expf(scale * (m - m_new));   // first tile: exp(-inf) = 0
-        float sum = 0.0f;
-        for (int j = 0; j < FA_COLS; j++) {
-            const float p = __expf(scale * (s[j] - m_new));     // masked columns: exp(-inf) = 0
-            sum += p;
-            P[r * FA_LDB + c0 + j] = from_float<bf16>(p);
+        // online softmax; key k0 <= every row of the tile, so each row has a finite maximum
+        for (int r = 0; r < 2; r++) {
+            float mx = m[r];
+            for (int n = 0; n < FA_N8; n++) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+            mx = quad_max(mx);
+            const float correction = __expf(scale * (m[r] - mx));    // first tile: exp(-inf) = 0
+            float sum = 0.0f;
+            for (int n = 0; n < FA_N8; n++) {
+                for (int i = 2 * r; i < 2 * r + 2; i++) {
+                    s[n][i] = __expf(scale * (s[n][i] - mx));  // masked: exp(-inf) = 0
+                    sum += s[n][i];
+                    o[n][i] *= correction;
+                }
+            }
+            l[r] = l[r] * correction + sum;
+            m[r] = mx;
         }
-        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
-        l = l * correction + sum;
-        m = m_new;
-        __syncwarp();                                        // P written, S read by every lane
-        warp_product<false>(S, P, Vs);                       // S = P v
-        __syncwarp();
-        for (int j = 0; j < FA_COLS; j++) o[j] = o[j] * correction + S[r * FA_LDS + c0 + j];
+        product_add_ab(o, s, Vs);                            // o += P v
     }
 
-    if (t < T_) {
-        const float inv_l = 1.0f / l;
-        bf16* dst = out + ((size_t)b * T_ + t) * C + h * FA_HS + c0;
-        for (int j = 0; j < FA_COLS; j += 8) {
-            Packed128<bf16> packed;
-            for (int i = 0; i < 8; i++) packed[i] = from_float<bf16>(o[j + i] * inv_l);
-            store128(dst + j, packed);
-        }
-        if (c0 == 0) lse[(size_t)bh * T_ + t] = scale * m + __logf(l);
+    float inv[2];
+    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = 1.0f / l[r];
+    }
+    const int first = q0 + warp * FA_ROWS;
+    store_rows(out + ((size_t)b * T_ + first) * C + h * FA_HS, C, T_ - first, o, inv, my_rows);
+    if (t4 == 0) {
+        for (int r = 0; r < 2; r++)
+            if (row[r] < T_) lse[(size_t)bh * T_ + row[r]] = scale * m[r] + __logf(l[r]);
     }
 }
 
@@ -222,8 +241,7 @@ __global__ void flash_attention_delta_kernel(float* delta, const bf16* dout, con
 __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                      const float* delta, int B, int T_, int NH, float scale) {
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int r = lane / 2, c0 = (lane % 2) * FA_COLS;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int k0 = blockIdx.x * FA_TILE;                     // first key tiles have the most queries
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     const int C = NH * FA_HS, stride = 3 * C;
@@ -238,21 +256,17 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* dOs = cur.take<bf16>(FA_TILE_BYTES);
-    float* St = cur.take<float>(FA_F32_BYTES) + warp * FA_ROWS * FA_LDS;     // z^T rows: this warp's keys
-    float* dPt = cur.take<float>(FA_F32_BYTES) + warp * FA_ROWS * FA_LDS;    // dP^T
-    bf16* Pt = cur.take<bf16>(FA_B16_BYTES) + warp * FA_ROWS * FA_LDB;
-    bf16* dSt = cur.take<bf16>(FA_B16_BYTES) + warp * FA_ROWS * FA_LDB;      // dz^T
     float* lse_s = cur.take<float>(FA_TILE * 4);
     float* delta_s = cur.take<float>(FA_TILE * 4);
+    bf16* my_keys = Ks + warp * FA_ROWS * FA_LD;             // this warp's rows of K and V: only it reads them
+    bf16* my_values = Vs + warp * FA_ROWS * FA_LD;
 
     load_tile(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
     load_tile(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
-    const int key = k0 + warp * FA_ROWS + r;                 // this lane's key
-    FragC dk[FA_HS / 16], dv[FA_HS / 16];
-    for (int n = 0; n < FA_HS / 16; n++) {
-        wmma::fill_fragment(dk[n], 0.0f);
-        wmma::fill_fragment(dv[n], 0.0f);
-    }
+    const int key[2] = {k0 + warp * FA_ROWS + g, k0 + warp * FA_ROWS + g + 8};
+    Acc dk, dv;
+    for (int n = 0; n < FA_N8; n++)
+        for (int i = 0; i < 4; i++) dk[n][i] = dv[n][i] = 0.0f;
 
     for (int q0 = k0; q0 < T_; q0 += FA_TILE) {               // query tiles at or after the key tile
         __syncthreads();
@@ -264,36 +278,39 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
             delta_s[i] = inside ? delta_bh[q0 + i] : 0.0f;
         }
         __syncthreads();
-        warp_product<true>(St, Ks + warp * FA_ROWS * FA_LDB, Qs);     // k q^T
-        warp_product<true>(dPt, Vs + warp * FA_ROWS * FA_LDB, dOs);   // v dout^T
-        __syncwarp();
-        for (int j = 0; j < FA_COLS; j++) {
-            const int c = c0 + j, tq = q0 + c;
-            float p = 0.0f, dz = 0.0f;
-            if (tq >= key && tq < T_) {
-                p = __expf(scale * St[r * FA_LDS + c] - lse_s[c]);
-                dz = p * (dPt[r * FA_LDS + c] - delta_s[c]);
+        FragA a;
+        Acc st, dpt;                                         // z^T and dP^T: rows are this warp's keys
+        load_a(a, my_keys);
+        product_abt(st, a, Qs);                              // k q^T
+        load_a(a, my_values);
+        product_abt(dpt, a, dOs);                            // v dout^T
+        for (int n = 0; n < FA_N8; n++) {
+            for (int i = 0; i < 4; i++) {
+                const int c = 8 * n + 2 * t4 + i % 2, tq = q0 + c;
+                float p = 0.0f, dz = 0.0f;
+                if (tq >= key[i / 2] && tq < T_) {
+                    p = __expf(scale * st[n][i] - lse_s[c]);
+                    dz = p * (dpt[n][i] - delta_s[c]);
+                }
+                st[n][i] = p;
+                dpt[n][i] = scale * dz;                      // d(q.k) = scale dz
             }
-            Pt[r * FA_LDB + c] = from_float<bf16>(p);
-            dSt[r * FA_LDB + c] = from_float<bf16>(scale * dz);     // d(q.k) = scale dz
         }
-        __syncwarp();
-        warp_product_add(dv, Pt, dOs);                       // dv += P^T dout
-        warp_product_add(dk, dSt, Qs);                       // dk += d(q.k)^T q
+        product_add_ab(dv, st, dOs);                         // dv += P^T dout
+        product_add_ab(dk, dpt, Qs);                         // dk += d(q.k)^T q
     }
 
-    const int valid = T_ - (k0 + warp * FA_ROWS);
-    bf16* dst = dqkv + (token0 + k0 + warp * FA_ROWS) * stride + h * FA_HS;
-    warp_store_rows(dst + C, stride, valid, dk, St);
-    __syncwarp();                                            // St is rewritten next
-    warp_store_rows(dst + 2 * C, stride, valid, dv, St);
+    const int first = k0 + warp * FA_ROWS;
+    const float one[2] = {1.0f, 1.0f};
+    bf16* dst = dqkv + (token0 + first) * stride + h * FA_HS;
+    store_rows(dst + C, stride, T_ - first, dk, one, my_keys);
+    store_rows(dst + 2 * C, stride, T_ - first, dv, one, my_values);
 }
 
 __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                    const float* delta, int B, int T_, int NH, float scale) {
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const int r = lane / 2, c0 = (lane % 2) * FA_COLS;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE;    // longest rows first
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     const int C = NH * FA_HS, stride = 3 * C;
@@ -305,39 +322,46 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
     bf16* dOs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
-    float* S = cur.take<float>(FA_F32_BYTES) + warp * FA_ROWS * FA_LDS;
-    float* dP = cur.take<float>(FA_F32_BYTES) + warp * FA_ROWS * FA_LDS;
-    bf16* dS = cur.take<bf16>(FA_B16_BYTES) + warp * FA_ROWS * FA_LDB;
+    bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // this warp's rows of Q and dout: only it reads them
 
     load_tile(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
     load_tile(dOs, dout + (token0 + q0) * C + h * FA_HS, C, T_ - q0);
-    const int t = q0 + warp * FA_ROWS + r;
-    const float lse_t = t < T_ ? lse[(size_t)bh * T_ + t] : 0.0f;
-    const float delta_t = t < T_ ? delta[(size_t)bh * T_ + t] : 0.0f;
-    FragC dq[FA_HS / 16];
-    for (int n = 0; n < FA_HS / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
+    const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};
+    float lse_r[2], delta_r[2];
+    for (int r = 0; r < 2; r++) {
+        lse_r[r] = row[r] < T_ ? lse[(size_t)bh * T_ + row[r]] : 0.0f;
+        delta_r[r] = row[r] < T_ ? delta[(size_t)bh * T_ + row[r]] : 0.0f;
+    }
+    Acc dq;
+    for (int n = 0; n < FA_N8; n++)
+        for (int i = 0; i < 4; i++) dq[n][i] = 0.0f;
 
     for (int k0 = 0; k0 <= q0; k0 += FA_TILE) {
         __syncthreads();
         load_tile(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
         load_tile(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
         __syncthreads();
-        warp_product<true>(S, Qs + warp * FA_ROWS * FA_LDB, Ks);      // q k^T
-        warp_product<true>(dP, dOs + warp * FA_ROWS * FA_LDB, Vs);    // dout v^T
-        __syncwarp();
-        for (int j = 0; j < FA_COLS; j++) {
-            const int c = c0 + j;
-            float dz = 0.0f;
-            if (k0 + c <= t && t < T_) {
-                const float p = __expf(scale * S[r * FA_LDS + c] - lse_t);
-                dz = p * (dP[r * FA_LDS + c] - delta_t);
+        FragA a;
+        Acc s, dp;
+        load_a(a, my_rows);
+        product_abt(s, a, Ks);                               // q k^T
+        load_a(a, dOs + warp * FA_ROWS * FA_LD);
+        product_abt(dp, a, Vs);                              // dout v^T
+        for (int n = 0; n < FA_N8; n++) {
+            for (int i = 0; i < 4; i++) {
+                const int r = i / 2;
+                float dz = 0.0f;
+                if (k0 + 8 * n + 2 * t4 + i % 2 <= row[r] && row[r] < T_) {
+                    const float p = __expf(scale * s[n][i] - lse_r[r]);
+                    dz = p * (dp[n][i] - delta_r[r]);
+                }
+                s[n][i] = scale * dz;                        // d(q.k) = scale dz
             }
-            dS[r * FA_LDB + c] = from_float<bf16>(scale * dz);
         }
-        __syncwarp();
-        warp_product_add(dq, dS, Ks);                         // dq += d(q.k) k
+        product_add_ab(dq, s, Ks);                           // dq += d(q.k) k
     }
 
-    warp_store_rows(dqkv + (token0 + q0 + warp * FA_ROWS) * stride + h * FA_HS, stride,
-                    T_ - (q0 + warp * FA_ROWS), dq, S);
+    const int first = q0 + warp * FA_ROWS;
+    const float one[2] = {1.0f, 1.0f};
+    store_rows(dqkv + (token0 + first) * stride + h * FA_HS, stride, T_ - first, dq, one, my_rows);
 }

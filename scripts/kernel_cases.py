@@ -281,7 +281,7 @@ def registry(d: Dims, quick: bool) -> list[Case]:
         baseline_f32=True))
 
     # ---- the fused (flash) attention, --flash-attention 1: the same math, no T x T buffers; bf16 only
-    #      on the GPU (WMMA). Its causal kernels skip the tiles above the diagonal: half the FLOPs.
+    #      on the GPU (tensor cores). Its causal kernels skip the tiles above the diagonal: half the FLOPs.
     flash_flops = att_flops / 2
 
     def flash_forward_baseline(xp, a):

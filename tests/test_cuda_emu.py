@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llmpy.gpu import _kernels as K
+from llmpy.testing import requires_gpu
 
 cuda_emu = pytest.importorskip("cuda_emu", reason="needs CuPy importable")
 EmulatorError = cuda_emu.EmulatorError
@@ -118,27 +119,44 @@ def test_writes_past_the_dynamic_shared_memory_are_reported(emulator):
         emulator.run("shared_fill_kernel", (1,), (32,), (np.int32(100),), shared_mem=396)
 
 
-def test_wmma_products_and_their_rules(emulator, rng):
-    """The WMMA stand-in (tests/emu/mma.h) multiplies as the tensor cores do (bf16 in, fp32 out) and
-    reports what a GPU would trip on: a pointer that is not 32-byte aligned, a leading dimension that
-    is not a multiple of 16 bytes, and reading a stored tile back before __syncwarp."""
+def _mma_inputs(rng):
     BF16 = ml_dtypes.bfloat16
-    a, b = (rng.standard_normal((16, 24)).astype(BF16) for _ in range(2))
+    a, b = (rng.standard_normal((16, 16)).astype(BF16) for _ in range(2))
+    wants = {0: a.astype(np.float64) @ b.astype(np.float64).T, 1: a.astype(np.float64) @ b.astype(np.float64)}
+    return a, b, wants
+
+
+def test_mma_sync_and_ldmatrix_layouts(emulator, rng):
+    """The tensor-core stand-ins (tests/emu/mma_sync.h) place every element where the PTX ISA's fragment
+    layouts say, for ldmatrix, ldmatrix.trans and mma.sync.m16n8k16 together: the product matches NumPy
+    (bf16 in, fp32 sums). They stop on what a GPU would trip on: a row address that is not 16-byte
+    aligned, and a warp with missing lanes."""
+    a, b, wants = _mma_inputs(rng)
     da, db = emulator.to_device(a), emulator.to_device(b)
     c = emulator.empty((256,))
-    emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(24), np.int32(1)),
-                 shared_mem=1024)
-    want = a[:, :16].astype(np.float64) @ b[:, :16].astype(np.float64).T
-    np.testing.assert_allclose(np.roll(emulator.to_host(c), 1).reshape(16, 16), want, rtol=1e-5, atol=1e-5)
-    emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(24), np.int32(0)),
-                 shared_mem=1024)
-    assert np.isnan(emulator.to_host(c)).any()                   # other lanes' parts were not stored yet
-    with pytest.raises(EmulatorError, match=r"misaligned wmma::load_matrix_sync .*32-byte alignment"):
-        emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(8), np.int32(24), np.int32(1)),
-                     shared_mem=1024)
-    with pytest.raises(EmulatorError, match="leading dimension 20 elements is not a multiple of 16 bytes"):
-        emulator.run("wmma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(20), np.int32(1)),
-                     shared_mem=1024)
+    for trans, want in wants.items():
+        emulator.run("mma_product_kernel", (1,), (32,), (c, da, db, np.int32(0), np.int32(trans)))
+        np.testing.assert_allclose(emulator.to_host(c).reshape(16, 16), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(EmulatorError, match=r"misaligned ldmatrix row .*16-byte alignment"):
+        emulator.run("mma_product_kernel", (1,), (32,), (c, da, db, np.int32(4), np.int32(0)))
+    with pytest.raises(EmulatorError, match="warp-wide matrix instruction in a partial warp"):
+        emulator.run("mma_product_kernel", (1,), (16,), (c, da, db, np.int32(0), np.int32(0)))
+
+
+@requires_gpu
+def test_mma_layouts_are_the_gpus(rng):
+    """The same kernel through NVRTC on a GPU, with the real ldmatrix and mma.sync: the hardware agrees
+    with NumPy, so the layouts the emulator (and cuda/flash_attention.cu) assume are the real ones."""
+    import cupy as cp
+    mod = cp.RawModule(code=(cuda_emu.EMU_DIR / "selftest.cu").read_text(), options=K.options(),
+                       name_expressions=["mma_product_kernel"])
+    fn = mod.get_function("mma_product_kernel")
+    a, b, wants = _mma_inputs(rng)
+    da, db = cp.asarray(a), cp.asarray(b)
+    c = cp.full((256,), np.nan, dtype=np.float32)
+    for trans, want in wants.items():
+        fn((1,), (32,), (c, da, db, np.int32(0), np.int32(trans)))
+        np.testing.assert_allclose(cp.asnumpy(c).reshape(16, 16), want, rtol=1e-5, atol=1e-5)
 
 
 def test_launchers_are_routed_to_the_emulator(emulator):

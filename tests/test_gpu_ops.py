@@ -234,7 +234,7 @@ ATT_SIZES = (dict(B=4, T=64, NH=12, HS=64), dict(B=2, T=40, NH=3, HS=16),   # 12
 ADAMW_KW = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=3, grad_scale=0.5)
 FLASH_SIZES = (dict(B=2, T=192, NH=2),   # 3 query tiles: the online softmax across key tiles
                dict(B=1, T=100, NH=3),   # a partial last tile
-               dict(B=1, T=13, NH=1))    # less than one WMMA tile of rows
+               dict(B=1, T=13, NH=1))    # fewer rows than one warp's 16-row MMA tile
 FLASH_FP32 = ("lse", "saved_lse", "delta")
 BF16_INTERMEDIATES = 3.0   # attention stores preatt/att/dy/datt in the storage type between
                            # matmuls; lowp (float32 throughout) does not round those
@@ -265,7 +265,7 @@ CASES = [
     Case("attention_backward", ("dinp", "dqkvr", "datt", "scratch", "dout", "saved_qkvr", "saved_att"),
          ("dinp",), make_attention, ATT_SIZES, k=BF16_INTERMEDIATES, floor_ulps=256,
          cublaslt=True),
-    # bf16 only (WMMA); P and dz are rounded to bf16 before their products, but the T x T matrices
+    # bf16 only (tensor cores); P and dz are rounded to bf16 before their products, but the T x T matrices
     # are not stored, so the default budget holds (measured max error 0.4-1.1x lowp's)
     Case("flash_attention_forward", ("out", "lse", "inp"), ("out", "lse"), make_flash, FLASH_SIZES,
          fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),

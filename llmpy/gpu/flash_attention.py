@@ -1,4 +1,4 @@
-"""Fused causal self-attention (FlashAttention-2 on WMMA tensor cores): launchers for
+"""Fused causal self-attention (FlashAttention-2 on tensor cores: ldmatrix and mma.sync): launchers for
 cuda/flash_attention.cu. Reference: llmpy/cpu/attention.py (flash_attention_forward/backward).
 
 The alternative to llm.c's non-cuDNN path (llmpy/gpu/attention.py) for bf16 with head size 64 (every
@@ -24,13 +24,11 @@ THREADS = 128            # FA_THREADS: 4 warps of 16 rows each
 DELTA_BLOCK_SIZE = 256
 
 # dynamic shared memory, carved by the kernels in this order (bytes; see flash_attention.cu)
-_LDB, _LDS = HEAD_SIZE + 8, TILE + 4                        # FA_LDB (bf16), FA_LDS (fp32) row strides
-_TILE_BYTES = TILE * _LDB * 2                               # a 64 x 64 bf16 tile
-_F32_BYTES = TILE * _LDS * 4                                # every warp's 16 x 64 fp32 scratch
-_B16_BYTES = _TILE_BYTES                                    # every warp's 16 x 64 bf16 scratch: a tile's worth
-FORWARD_SMEM = 3 * _TILE_BYTES + _F32_BYTES + _B16_BYTES                    # Q K V | S | P
-DKDV_SMEM = 4 * _TILE_BYTES + 2 * _F32_BYTES + 2 * _B16_BYTES + 2 * TILE * 4   # K V Q dO | S dP | P dS | lse delta
-DQ_SMEM = 4 * _TILE_BYTES + 2 * _F32_BYTES + _B16_BYTES                     # Q dO K V | S dP | dS
+_LD = HEAD_SIZE + 8                                         # FA_LD: shared tile row stride (bf16)
+_TILE_BYTES = TILE * _LD * 2                                # a 64 x 64 bf16 tile
+FORWARD_SMEM = 3 * _TILE_BYTES                              # Q K V
+DKDV_SMEM = 4 * _TILE_BYTES + 2 * TILE * 4                  # K V Q dO | lse delta
+DQ_SMEM = 4 * _TILE_BYTES                                   # Q dO K V
 
 
 def supports(dtype, head_size: int) -> bool:

@@ -73,6 +73,8 @@ inline float __bfloat162float(__nv_bfloat16 h) {
     return f;
 }
 
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {     // round to nearest even; NaN stays NaN
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -101,6 +103,9 @@ namespace emu {
 void syncthreads(const char* file, int line);
 uint64_t shuffle(unsigned int mask, uint64_t value, int src_lane);  // value of src_lane's call
 int lane_id();
+// a barrier of the whole warp that hands every lane all 32 lanes' `bytes` (at most 64) from `mine`,
+// in lane order, into `all`: the data movement of ldmatrix and mma.sync (mma_sync.h)
+void warp_gather(const void* mine, size_t bytes, void* all);
 }  // namespace emu
 
 // a macro, so that the scheduler knows which __syncthreads each thread waits at

@@ -52,6 +52,7 @@ namespace emu {
 namespace {
 
 enum class State { Ready, AtSync, AtShuffle, Done };
+constexpr size_t GATHER_BYTES = 64;
 
 struct Fiber {
     void* sp;                        // saved stack pointer while switched out
@@ -61,6 +62,8 @@ struct Fiber {
     uint64_t shuffle_value;
     int shuffle_src;
     unsigned int shuffle_mask;
+    unsigned char gathered[2][GATHER_BYTES];   // warp_gather's contributions, alternating between calls
+    int gather_parity;
     const char* sync_file;
     int sync_line;
 };
@@ -252,6 +255,23 @@ uint64_t shuffle(unsigned int mask, uint64_t value, int src_lane) {
 }
 
 int lane_id() { return fibers[current].lane; }
+
+// One barrier of the warp (a full-mask shuffle). Contributions alternate between two slots: a lane
+// that runs ahead writes the other slot, and it cannot get two calls ahead, since the next call's
+// barrier waits for every lane, which by then has read this call's slot.
+void warp_gather(const void* mine, size_t bytes, void* all) {
+    Fiber& f = fibers[current];
+    if (bytes > GATHER_BYTES) fail("warp_gather of more than " + std::to_string(GATHER_BYTES) + " bytes");
+    if (32 * (f.warp + 1) > int(fibers.size())) fail("a warp-wide matrix instruction in a partial warp at " + where(f));
+    const int slot = f.gather_parity;
+    f.gather_parity ^= 1;
+    memcpy(f.gathered[slot], mine, bytes);
+    shuffle(0xffffffffu, 0, f.lane);
+    const Fiber& me = fibers[current];
+    for (int l = 0; l < 32; l++) {
+        memcpy(static_cast<unsigned char*>(all) + l * bytes, fibers[32 * me.warp + l].gathered[slot], bytes);
+    }
+}
 
 void register_kernel(Kernel k) { registry()[k.name] = k; }
 

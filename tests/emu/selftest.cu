@@ -1,7 +1,7 @@
 // Kernels for the emulator's own tests (tests/test_cuda_emu.py): one correct reduction, and one
 // kernel per mistake the emulator must report rather than run through. Not part of llmpy.
 #include "common.cuh"
-#include <mma.h>
+#include "tensor_core.cuh"
 
 // out[b] = sum of the block's inputs (block_sum: shuffles, shared memory, two barriers)
 __global__ void block_sum_kernel(float* out, const float* in) {
@@ -70,21 +70,29 @@ __global__ void shared_fill_kernel(int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) buf[i] = 0.0f;
 }
 
-// c (16 x 16, row-major) = a b^T for a, b (16 x 16 bf16, row-major), read from a + offset and b + offset with
-// leading dimension ldm; with sync = 0 each lane reads c back from shared memory without __syncwarp
-__global__ void wmma_product_kernel(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int offset,
-                                    int ldm, int sync) {
-    using namespace nvcuda;
-    extern __shared__ __align__(32) float buf[];          // 256 floats: the tile
-    float* tile = buf;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;   // b^T
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-    wmma::load_matrix_sync(fa, a + offset, ldm);
-    wmma::load_matrix_sync(fb, b + offset, ldm);
-    wmma::mma_sync(acc, fa, fb, acc);
-    wmma::store_matrix_sync(tile, acc, 16, wmma::mem_row_major);
-    if (sync) __syncwarp();
-    for (int i = threadIdx.x; i < 256; i += 32) c[i] = tile[(i + 1) % 256];   // the next lane's elements
+// c (16 x 16 fp32, row-major) = a b^T (trans = 0) or a b (trans = 1) for a, b (16 x 16 bf16, row-major),
+// through ldmatrix and mma.sync (tensor_core.cuh) as cuda/flash_attention.cu uses them. One warp: the
+// inputs are copied into shared memory (row stride 24) and the fragments read from element `offset` on.
+__global__ void mma_product_kernel(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int offset, int trans) {
+    __shared__ __align__(16) __nv_bfloat16 as[16 * 24 + 8], bs[16 * 24 + 8];
+    constexpr int LD = 24;
+    const int lane = threadIdx.x;
+    for (int i = lane; i < 256; i += 32) {
+        as[offset + i / 16 * LD + i % 16] = a[i];
+        bs[offset + i / 16 * LD + i % 16] = b[i];
+    }
+    __syncwarp();
+    unsigned fa[4], fb[4];
+    ldmatrix_x4(fa, fragment_row(as + offset, LD, lane));
+    if (trans) {
+        ldmatrix_x4_trans(fb, fragment_row(bs + offset, LD, lane));     // b as k x n
+    } else {
+        ldmatrix_x4(fb, fragment_row_nk(bs + offset, LD, lane));        // b as n x k: the product is a b^T
+    }
+    float d[2][4] = {};
+    mma_bf16_16816(d[0], fa, fb[0], fb[1]);
+    mma_bf16_16816(d[1], fa, fb[2], fb[3]);
+    const int g = lane / 4, t = lane % 4;
+    for (int n = 0; n < 2; n++)
+        for (int i = 0; i < 4; i++) c[(g + 8 * (i / 2)) * 16 + 8 * n + 2 * t + i % 2] = d[n][i];
 }
