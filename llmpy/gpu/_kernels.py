@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import pathlib
 
 import cupy as cp
@@ -100,44 +99,10 @@ def source_hash(cuda_dir: pathlib.Path | str = CUDA_DIR) -> str:
     return h.hexdigest()[:16]
 
 
-def crt_include() -> tuple[str, ...]:
-    """`-I<dir>` for a directory that holds crt/mma.h, when the CUDA runtime headers CuPy compiles
-    with lack it; else (). <mma.h> (WMMA, cuda/flash_attention.cu) includes crt/mma.h, which the
-    runtime header wheels do not ship: for CUDA 13 the nvidia-cuda-crt wheel adds it to the same
-    directory (the cuda13 extra installs it), for CUDA 12 it is in nvidia-cuda-nvcc-cu12, which
-    pathfinder knows as the "nvcc" headers, as it knows a toolkit's include directory. The -I goes
-    before CuPy's own, so it names a directory holding only a link to that crt/: the rest of a
-    toolkit's headers must not shadow the ones that match NVRTC (cupy-notes.md §1.8)."""
-    try:
-        from cuda import pathfinder
-    except ImportError:
-        return ()
-
-    def headers(lib):
-        try:
-            return pathfinder.find_nvidia_header_directory(lib)
-        except Exception:        # pathfinder raises its own errors for unknown or missing headers
-            return None
-    runtime, nvcc = headers("cudart"), headers("nvcc")
-    if runtime is None or (pathlib.Path(runtime) / "crt" / "mma.h").is_file():
-        return ()
-    if nvcc is None or not (pathlib.Path(nvcc) / "crt" / "mma.h").is_file():
-        return ()
-    crt = pathlib.Path(nvcc).resolve() / "crt"
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-    include = cache / "llmpy" / f"crt-{hashlib.sha1(str(crt).encode()).hexdigest()[:12]}"
-    include.mkdir(parents=True, exist_ok=True)
-    try:
-        (include / "crt").symlink_to(crt, target_is_directory=True)
-    except FileExistsError:      # made earlier, or by another process just now
-        pass
-    return (f"-I{include}",)
-
-
 @functools.cache
 def options() -> tuple[str, ...]:
     """The user options every RawModule gets (RawModule wants a tuple)."""
-    return (f"-I{CUDA_DIR}", *crt_include(), f"-DLLMPY_SRC_HASH=0x{source_hash()}", "--use_fast_math",
+    return (f"-I{CUDA_DIR}", f"-DLLMPY_SRC_HASH=0x{source_hash()}", "--use_fast_math",
             "-lineinfo", "--std=c++17")
 
 
