@@ -1,5 +1,5 @@
 // Fused causal self-attention for bf16 storage, HS = 64: FlashAttention-2's algorithm (Dao, 2023,
-// https://arxiv.org/abs/2307.08691) on tensor cores through ldmatrix and mma.sync (tensor_core.cuh).
+// https://arxiv.org/abs/2307.08691) on tensor cores through ldmatrix and mma.sync (sm80.cuh).
 // The T x T probabilities never go to global memory: a block keeps a 64-row tile of queries, walks the
 // key tiles at or before it, and keeps a running (online) softmax, so memory traffic is O(T HS) per
 // head instead of attention.cu's O(T^2). Launched by llmpy/gpu/flash_attention.py; reference
@@ -25,12 +25,17 @@
 // which are staged there for 16-byte global stores. Probabilities and dz are rounded to bf16 before
 // their products (l, the softmax denominator, sums them in fp32).
 //
+// The tiles the loop walks over (k and v in the forward and dq kernels, q, dout, lse and delta in dk/dv)
+// are double buffered: the next tile's cp.async copies are issued before the current tile's products and
+// land while they run; one barrier per tile both publishes the tile and frees the other buffer.
+//
 // Shared tiles are 64 x 64 bf16 with a row stride of 72 (144 bytes): 16-byte aligned rows for ldmatrix,
 // and the 8 rows one ldmatrix tile reads start 4 banks apart, so they hit all 32 banks once. Each kernel
 // carves its dynamic shared memory in the order it takes the regions below; the launcher passes that
-// many bytes (27648, 37376 and 36864) and checks HS = 64 and that every index fits in an int.
+// many bytes (46080, 56320 and 55296; above 48 KiB it opts in) and checks HS = 64 and that every index
+// fits in an int.
 #include "common.cuh"
-#include "tensor_core.cuh"
+#include "sm80.cuh"
 
 using bf16 = __nv_bfloat16;
 
@@ -40,7 +45,8 @@ constexpr int FA_WARPS = 4;
 constexpr int FA_THREADS = FA_WARPS * WARP_SIZE;
 constexpr int FA_ROWS = FA_TILE / FA_WARPS;  // 16 rows per warp: one MMA tile high
 constexpr int FA_LD = FA_HS + 8;           // shared tile row stride (FA_HS == FA_TILE: one stride for all)
-constexpr int FA_TILE_BYTES = FA_TILE * FA_LD * 2;
+constexpr int FA_TILE_ELEMS = FA_TILE * FA_LD;
+constexpr int FA_TILE_BYTES = FA_TILE_ELEMS * 2;
 constexpr int FA_K16 = FA_HS / 16;         // 16-wide k steps over a head or over a 64-key tile
 constexpr int FA_N8 = FA_TILE / 8;         // 8-wide C fragments across 64 columns
 static_assert(FA_HS == FA_TILE, "one row stride and one product shape serve q/k/v tiles and score tiles");
@@ -61,19 +67,20 @@ struct SmemCursor {
     }
 };
 
-// Copies a 64 x 64 bf16 tile whose row i is at src + i * stride into shared memory (row stride FA_LD),
-// 16 bytes per thread and step. Rows i >= valid are zeros (past the end of the sequence).
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int stride, int valid) {
+// Starts copying a 64 x 64 bf16 tile whose row i is at src + i * stride into shared memory (row stride
+// FA_LD) with cp.async, 16 bytes per thread and step; rows i >= valid (past the end of the sequence) are
+// zeroed directly. The caller commits, waits and synchronises before the tile is read.
+__device__ __forceinline__ void copy_tile_async(bf16* dst, const bf16* src, int stride, int valid) {
     constexpr int CHUNKS = FA_HS / 8;
     for (int i = threadIdx.x; i < FA_TILE * CHUNKS; i += FA_THREADS) {
         const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
-        Packed128<bf16> v;
         if (r < valid) {
-            v = load128(src + (size_t)r * stride + c);
+            cp_async16(dst + r * FA_LD + c, src + (size_t)r * stride + c);
         } else {
-            for (int k = 0; k < 8; k++) v[k] = from_float<bf16>(0.0f);
+            Packed128<bf16> zeros;
+            for (int k = 0; k < 8; k++) zeros[k] = from_float<bf16>(0.0f);
+            store128(dst + r * FA_LD + c, zeros);
         }
-        store128(dst + r * FA_LD + c, v);
     }
 }
 
@@ -159,14 +166,15 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
 
     SmemCursor cur(fa_smem);
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
+    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Ks + buf * FA_TILE_ELEMS
+    bf16* Vs = cur.take<bf16>(2 * FA_TILE_BYTES);
     bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // read only by this warp: the output's stage
 
-    load_tile(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
-    __syncthreads();
-    FragA qf;
-    load_a(qf, my_rows);                                     // q stays in registers
+    copy_tile_async(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
+    copy_tile_async(Ks, k, stride, T_);
+    copy_tile_async(Vs, v, stride, T_);
+    cp_async_commit();
+    FragA qf;                                                // q stays in registers
     const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};   // >= T_: padding rows
     float m[2] = {neg_infinity(), neg_infinity()};           // running max of q.k per row
     float l[2] = {0.0f, 0.0f};                               // this lane's part of the running sum
@@ -174,13 +182,18 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
     for (int n = 0; n < FA_N8; n++)
         for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
 
-    for (int k0 = 0; k0 <= q0; k0 += FA_TILE) {              // key tiles at or before the query tile
-        __syncthreads();                                     // the previous tile's K and V are not read any more
-        load_tile(Ks, k + (size_t)k0 * stride, stride, T_ - k0);
-        load_tile(Vs, v + (size_t)k0 * stride, stride, T_ - k0);
-        __syncthreads();
+    for (int k0 = 0, buf = 0; k0 <= q0; k0 += FA_TILE, buf ^= 1) {   // key tiles at or before the query tile
+        cp_async_wait_all();
+        __syncthreads();                                     // this tile is in; the other buffer is free
+        if (k0 < q0) {                                       // the next tile's copies fly during the products
+            const int next = k0 + FA_TILE;
+            copy_tile_async(Ks + (buf ^ 1) * FA_TILE_ELEMS, k + (size_t)next * stride, stride, T_ - next);
+            copy_tile_async(Vs + (buf ^ 1) * FA_TILE_ELEMS, v + (size_t)next * stride, stride, T_ - next);
+            cp_async_commit();
+        }
+        if (k0 == 0) load_a(qf, my_rows);
         Acc s;
-        product_abt(s, qf, Ks);                              // q k^T, unscaled
+        product_abt(s, qf, Ks + buf * FA_TILE_ELEMS);                         // q k^T, unscaled
         if (k0 == q0) {                                      // the diagonal tile: keys after the query
             for (int n = 0; n < FA_N8; n++)
                 for (int i = 0; i < 4; i++)
@@ -203,7 +216,7 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
             l[r] = l[r] * correction + sum;
             m[r] = mx;
         }
-        product_add_ab(o, s, Vs);                            // o += P v
+        product_add_ab(o, s, Vs + buf * FA_TILE_ELEMS);                       // o += P v
     }
 
     float inv[2];
@@ -254,50 +267,62 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     SmemCursor cur(fa_smem);
     bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* dOs = cur.take<bf16>(FA_TILE_BYTES);
-    float* lse_s = cur.take<float>(FA_TILE * 4);
-    float* delta_s = cur.take<float>(FA_TILE * 4);
+    bf16* Qs = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Qs + buf * FA_TILE_ELEMS
+    bf16* dOs = cur.take<bf16>(2 * FA_TILE_BYTES);
+    float* lse_s = cur.take<float>(2 * FA_TILE * 4);        // and lse_s + buf * FA_TILE
+    float* delta_s = cur.take<float>(2 * FA_TILE * 4);
     bf16* my_keys = Ks + warp * FA_ROWS * FA_LD;             // this warp's rows of K and V: only it reads them
     bf16* my_values = Vs + warp * FA_ROWS * FA_LD;
 
-    load_tile(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
-    load_tile(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
+    // the query tile at q0, its dout, lse and delta into buffer `to`, committed as one group
+    auto copy_queries = [&](int q0, int to) {
+        copy_tile_async(Qs + to * FA_TILE_ELEMS, q + (size_t)q0 * stride, stride, T_ - q0);
+        copy_tile_async(dOs + to * FA_TILE_ELEMS, go + (size_t)q0 * C, C, T_ - q0);
+        const int i = threadIdx.x, at = to * FA_TILE + i;
+        if (i < FA_TILE && q0 + i < T_) {
+            cp_async4(lse_s + at, lse_bh + q0 + i);
+            cp_async4(delta_s + at, delta_bh + q0 + i);
+        } else if (i < FA_TILE) {
+            lse_s[at] = delta_s[at] = 0.0f;
+        }
+        cp_async_commit();
+    };
+    copy_tile_async(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
+    copy_tile_async(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
+    copy_queries(k0, 0);
     const int key[2] = {k0 + warp * FA_ROWS + g, k0 + warp * FA_ROWS + g + 8};
     Acc dk, dv;
     for (int n = 0; n < FA_N8; n++)
         for (int i = 0; i < 4; i++) dk[n][i] = dv[n][i] = 0.0f;
 
-    for (int q0 = k0; q0 < T_; q0 += FA_TILE) {               // query tiles at or after the key tile
-        __syncthreads();
-        load_tile(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
-        load_tile(dOs, go + (size_t)q0 * C, C, T_ - q0);
-        for (int i = threadIdx.x; i < FA_TILE; i += FA_THREADS) {
-            const bool inside = q0 + i < T_;
-            lse_s[i] = inside ? lse_bh[q0 + i] : 0.0f;
-            delta_s[i] = inside ? delta_bh[q0 + i] : 0.0f;
-        }
-        __syncthreads();
+    for (int q0 = k0, buf = 0; q0 < T_; q0 += FA_TILE, buf ^= 1) {   // query tiles at or after the key tile
+        cp_async_wait_all();
+        __syncthreads();                                     // this tile is in; the other buffer is free
+        if (q0 + FA_TILE < T_) copy_queries(q0 + FA_TILE, buf ^ 1);   // in flight during the products
+        const bf16* Qt = Qs + buf * FA_TILE_ELEMS;
+        const bf16* dOt = dOs + buf * FA_TILE_ELEMS;
+        const float* lse_t = lse_s + buf * FA_TILE;
+        const float* delta_t = delta_s + buf * FA_TILE;
         FragA a;
         Acc st, dpt;                                         // z^T and dP^T: rows are this warp's keys
         load_a(a, my_keys);
-        product_abt(st, a, Qs);                              // k q^T
+        product_abt(st, a, Qt);                              // k q^T
         load_a(a, my_values);
-        product_abt(dpt, a, dOs);                            // v dout^T
+        product_abt(dpt, a, dOt);                            // v dout^T
         for (int n = 0; n < FA_N8; n++) {
             for (int i = 0; i < 4; i++) {
                 const int c = 8 * n + 2 * t4 + i % 2, tq = q0 + c;
                 float p = 0.0f, dz = 0.0f;
                 if (tq >= key[i / 2] && tq < T_) {
-                    p = __expf(scale * st[n][i] - lse_s[c]);
-                    dz = p * (dpt[n][i] - delta_s[c]);
+                    p = __expf(scale * st[n][i] - lse_t[c]);
+                    dz = p * (dpt[n][i] - delta_t[c]);
                 }
                 st[n][i] = p;
                 dpt[n][i] = scale * dz;                      // d(q.k) = scale dz
             }
         }
-        product_add_ab(dv, st, dOs);                         // dv += P^T dout
-        product_add_ab(dk, dpt, Qs);                         // dk += d(q.k)^T q
+        product_add_ab(dv, st, dOt);                         // dv += P^T dout
+        product_add_ab(dk, dpt, Qt);                         // dk += d(q.k)^T q
     }
 
     const int first = k0 + warp * FA_ROWS;
@@ -320,12 +345,15 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
     SmemCursor cur(fa_smem);
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* dOs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
+    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Ks + buf * FA_TILE_ELEMS
+    bf16* Vs = cur.take<bf16>(2 * FA_TILE_BYTES);
     bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // this warp's rows of Q and dout: only it reads them
 
-    load_tile(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
-    load_tile(dOs, dout + (token0 + q0) * C + h * FA_HS, C, T_ - q0);
+    copy_tile_async(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
+    copy_tile_async(dOs, dout + (token0 + q0) * C + h * FA_HS, C, T_ - q0);
+    copy_tile_async(Ks, q + C, stride, T_);
+    copy_tile_async(Vs, q + 2 * C, stride, T_);
+    cp_async_commit();
     const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};
     float lse_r[2], delta_r[2];
     for (int r = 0; r < 2; r++) {
@@ -336,17 +364,21 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
     for (int n = 0; n < FA_N8; n++)
         for (int i = 0; i < 4; i++) dq[n][i] = 0.0f;
 
-    for (int k0 = 0; k0 <= q0; k0 += FA_TILE) {
-        __syncthreads();
-        load_tile(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
-        load_tile(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
-        __syncthreads();
+    for (int k0 = 0, buf = 0; k0 <= q0; k0 += FA_TILE, buf ^= 1) {
+        cp_async_wait_all();
+        __syncthreads();                                     // this tile is in; the other buffer is free
+        if (k0 < q0) {                                       // the next tile's copies fly during the products
+            const int next = k0 + FA_TILE;
+            copy_tile_async(Ks + (buf ^ 1) * FA_TILE_ELEMS, q + C + (size_t)next * stride, stride, T_ - next);
+            copy_tile_async(Vs + (buf ^ 1) * FA_TILE_ELEMS, q + 2 * C + (size_t)next * stride, stride, T_ - next);
+            cp_async_commit();
+        }
         FragA a;
         Acc s, dp;
         load_a(a, my_rows);
-        product_abt(s, a, Ks);                               // q k^T
+        product_abt(s, a, Ks + buf * FA_TILE_ELEMS);                          // q k^T
         load_a(a, dOs + warp * FA_ROWS * FA_LD);
-        product_abt(dp, a, Vs);                              // dout v^T
+        product_abt(dp, a, Vs + buf * FA_TILE_ELEMS);                         // dout v^T
         for (int n = 0; n < FA_N8; n++) {
             for (int i = 0; i < 4; i++) {
                 const int r = i / 2;
@@ -358,7 +390,7 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
                 s[n][i] = scale * dz;                        // d(q.k) = scale dz
             }
         }
-        product_add_ab(dq, s, Ks);                           // dq += d(q.k) k
+        product_add_ab(dq, s, Ks + buf * FA_TILE_ELEMS);                      // dq += d(q.k) k
     }
 
     const int first = q0 + warp * FA_ROWS;

@@ -102,8 +102,8 @@ def translation_unit(path: pathlib.Path, name_expressions) -> str:
         raise ValueError(f"{path.name}: the emulator supports one extern __shared__ array per file")
     ns = "emu_" + path.stem
     # headers with `#pragma once` go first, outside the namespace, so that the file's own #include of
-    # them is a no-op there; mma_sync.h gives the tensor-core instructions of cuda/tensor_core.cuh
-    lines = ['#include "emu.h"', '#include "mma_sync.h"', f"namespace {ns} {{", f'#include "{path.name}"']
+    # them is a no-op there; sm80.h gives the tensor-core instructions of cuda/sm80.cuh
+    lines = ['#include "emu.h"', '#include "sm80.h"', f"namespace {ns} {{", f'#include "{path.name}"']
     smem = "nullptr"
     if dynamic:
         align, ctype, name = dynamic.pop()

@@ -127,7 +127,7 @@ def _mma_inputs(rng):
 
 
 def test_mma_sync_and_ldmatrix_layouts(emulator, rng):
-    """The tensor-core stand-ins (tests/emu/mma_sync.h) place every element where the PTX ISA's fragment
+    """The tensor-core stand-ins (tests/emu/sm80.h) place every element where the PTX ISA's fragment
     layouts say, for ldmatrix, ldmatrix.trans and mma.sync.m16n8k16 together: the product matches NumPy
     (bf16 in, fp32 sums). They stop on what a GPU would trip on: a row address that is not 16-byte
     aligned, and a warp with missing lanes."""
@@ -141,6 +141,19 @@ def test_mma_sync_and_ldmatrix_layouts(emulator, rng):
         emulator.run("mma_product_kernel", (1,), (32,), (c, da, db, np.int32(4), np.int32(0)))
     with pytest.raises(EmulatorError, match="warp-wide matrix instruction in a partial warp"):
         emulator.run("mma_product_kernel", (1,), (16,), (c, da, db, np.int32(0), np.int32(0)))
+
+
+def test_cp_async_lands_at_the_wait(emulator, rng):
+    """cp.async's stand-in writes shared memory when the thread waits for its copies, so reading them
+    without the wait finds the old contents (NaN here); misaligned addresses stop the launch."""
+    x = rng.standard_normal(4 * 64 + 4).astype(np.float32)
+    dx, out = emulator.to_device(x), emulator.empty((256,))
+    emulator.run("async_copy_kernel", (1,), (64,), (out, dx, np.int32(0), np.int32(1)), shared_mem=1024)
+    np.testing.assert_array_equal(emulator.to_host(out), np.roll(x[:256].reshape(64, 4), -1, axis=0).ravel())
+    emulator.run("async_copy_kernel", (1,), (64,), (out, dx, np.int32(0), np.int32(0)), shared_mem=1024)
+    assert np.isnan(emulator.to_host(out)).all()
+    with pytest.raises(EmulatorError, match=r"misaligned cp.async source .*16-byte alignment"):
+        emulator.run("async_copy_kernel", (1,), (64,), (out, dx, np.int32(1), np.int32(1)), shared_mem=1024)
 
 
 @requires_gpu

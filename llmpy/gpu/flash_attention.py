@@ -26,9 +26,9 @@ DELTA_BLOCK_SIZE = 256
 # dynamic shared memory, carved by the kernels in this order (bytes; see flash_attention.cu)
 _LD = HEAD_SIZE + 8                                         # FA_LD: shared tile row stride (bf16)
 _TILE_BYTES = TILE * _LD * 2                                # a 64 x 64 bf16 tile
-FORWARD_SMEM = 3 * _TILE_BYTES                              # Q K V
-DKDV_SMEM = 4 * _TILE_BYTES + 2 * TILE * 4                  # K V Q dO | lse delta
-DQ_SMEM = 4 * _TILE_BYTES                                   # Q dO K V
+FORWARD_SMEM = 5 * _TILE_BYTES                              # Q | K K | V V (the loop's tiles double buffered)
+DKDV_SMEM = 6 * _TILE_BYTES + 4 * TILE * 4                  # K | V | Q Q | dO dO | lse lse | delta delta
+DQ_SMEM = 6 * _TILE_BYTES                                   # Q | dO | K K | V V
 
 
 def supports(dtype, head_size: int) -> bool:

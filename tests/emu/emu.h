@@ -104,8 +104,12 @@ void syncthreads(const char* file, int line);
 uint64_t shuffle(unsigned int mask, uint64_t value, int src_lane);  // value of src_lane's call
 int lane_id();
 // a barrier of the whole warp that hands every lane all 32 lanes' `bytes` (at most 64) from `mine`,
-// in lane order, into `all`: the data movement of ldmatrix and mma.sync (mma_sync.h)
+// in lane order, into `all`: the data movement of ldmatrix and mma.sync (sm80.h)
 void warp_gather(const void* mine, size_t bytes, void* all);
+// cp.async (sm80.h): a copy started, the groups closed, every closed group landed
+void async_copy(void* dst, const void* src, size_t bytes);   // 4 or 16 bytes
+void async_commit();
+void async_wait_all();
 }  // namespace emu
 
 // a macro, so that the scheduler knows which __syncthreads each thread waits at

@@ -54,6 +54,12 @@ namespace {
 enum class State { Ready, AtSync, AtShuffle, Done };
 constexpr size_t GATHER_BYTES = 64;
 
+struct PendingCopy {
+    void* dst;
+    size_t size;
+    unsigned char bytes[16];
+};
+
 struct Fiber {
     void* sp;                        // saved stack pointer while switched out
     State state;
@@ -64,6 +70,8 @@ struct Fiber {
     unsigned int shuffle_mask;
     unsigned char gathered[2][GATHER_BYTES];   // warp_gather's contributions, alternating between calls
     int gather_parity;
+    std::vector<PendingCopy> copies;          // cp.async copies started and not yet landed
+    size_t committed;                         // copies[0, committed) are in closed groups
     const char* sync_file;
     int sync_line;
 };
@@ -255,6 +263,25 @@ uint64_t shuffle(unsigned int mask, uint64_t value, int src_lane) {
 }
 
 int lane_id() { return fibers[current].lane; }
+
+void async_copy(void* dst, const void* src, size_t bytes) {
+    check_aligned(dst, bytes, "cp.async destination");
+    check_aligned(src, bytes, "cp.async source");
+    PendingCopy c;
+    c.dst = dst;
+    c.size = bytes;
+    memcpy(c.bytes, src, bytes);
+    fibers[current].copies.push_back(c);
+}
+
+void async_commit() { fibers[current].committed = fibers[current].copies.size(); }
+
+void async_wait_all() {
+    Fiber& f = fibers[current];
+    for (size_t i = 0; i < f.committed; i++) memcpy(f.copies[i].dst, f.copies[i].bytes, f.copies[i].size);
+    f.copies.erase(f.copies.begin(), f.copies.begin() + long(f.committed));
+    f.committed = 0;
+}
 
 // One barrier of the warp (a full-mask shuffle). Contributions alternate between two slots: a lane
 // that runs ahead writes the other slot, and it cannot get two calls ahead, since the next call's

@@ -1,7 +1,7 @@
 // Kernels for the emulator's own tests (tests/test_cuda_emu.py): one correct reduction, and one
 // kernel per mistake the emulator must report rather than run through. Not part of llmpy.
 #include "common.cuh"
-#include "tensor_core.cuh"
+#include "sm80.cuh"
 
 // out[b] = sum of the block's inputs (block_sum: shuffles, shared memory, two barriers)
 __global__ void block_sum_kernel(float* out, const float* in) {
@@ -71,7 +71,7 @@ __global__ void shared_fill_kernel(int n) {
 }
 
 // c (16 x 16 fp32, row-major) = a b^T (trans = 0) or a b (trans = 1) for a, b (16 x 16 bf16, row-major),
-// through ldmatrix and mma.sync (tensor_core.cuh) as cuda/flash_attention.cu uses them. One warp: the
+// through ldmatrix and mma.sync (sm80.cuh) as cuda/flash_attention.cu uses them. One warp: the
 // inputs are copied into shared memory (row stride 24) and the fragments read from element `offset` on.
 __global__ void mma_product_kernel(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int offset, int trans) {
     __shared__ __align__(16) __nv_bfloat16 as[16 * 24 + 8], bs[16 * 24 + 8];
@@ -95,4 +95,17 @@ __global__ void mma_product_kernel(float* c, const __nv_bfloat16* a, const __nv_
     const int g = lane / 4, t = lane % 4;
     for (int n = 0; n < 2; n++)
         for (int i = 0; i < 4; i++) c[(g + 8 * (i / 2)) * 16 + 8 * n + 2 * t + i % 2] = d[n][i];
+}
+
+// out[4i .. 4i+3] = in[offset + 4j .. offset + 4j + 3] for thread i and j = (i + 1) % blockDim.x: each
+// thread copies its 16 bytes into shared memory with cp.async and reads its neighbour's after the
+// barrier; with wait = 0 nobody waits for the copies first
+__global__ void async_copy_kernel(float* out, const float* in, int offset, int wait) {
+    extern __shared__ __align__(32) float buf[];
+    const int i = threadIdx.x, j = (threadIdx.x + 1) % blockDim.x;
+    cp_async16(buf + 4 * i, in + offset + 4 * i);
+    cp_async_commit();
+    if (wait) cp_async_wait_all();
+    __syncthreads();
+    for (int k = 0; k < 4; k++) out[4 * i + k] = buf[4 * j + k];
 }

@@ -1,5 +1,10 @@
-// Stand-ins for the warp-level tensor-core instructions of cuda/tensor_core.cuh (ldmatrix and
-// mma.sync.m16n8k16 for bf16) in the CPU emulator. See emu.h.
+// Stand-ins for the sm_80 instructions of cuda/sm80.cuh (cp.async, ldmatrix and mma.sync.m16n8k16 for
+// bf16) in the CPU emulator. See emu.h.
+//
+// cp.async: the 16 source bytes are read when the copy starts (guard pages catch a bad address) but
+// written to shared memory only when the thread waits for the copy's group, so shared memory read
+// before the wait, or a buffer refilled while another thread still reads it, shows the wrong data (a
+// GPU's copy lands at some moment in between). Both addresses must be aligned to the copy's size.
 //
 // On a GPU each instruction is executed by the whole warp at once: lane l supplies one row address
 // (ldmatrix) or its share of the operands (mma), and receives its share of the result in the
@@ -40,6 +45,11 @@ inline void ldmatrix(unsigned (&r)[4], const __nv_bfloat16* row, bool trans) {
 
 }  // namespace detail
 }  // namespace emu
+
+inline void cp_async16(void* smem, const void* gmem) { emu::async_copy(smem, gmem, 16); }
+inline void cp_async4(void* smem, const void* gmem) { emu::async_copy(smem, gmem, 4); }
+inline void cp_async_commit() { emu::async_commit(); }
+inline void cp_async_wait_all() { emu::async_wait_all(); }
 
 inline void ldmatrix_x4(unsigned (&r)[4], const __nv_bfloat16* row) { emu::detail::ldmatrix(r, row, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const __nv_bfloat16* row) { emu::detail::ldmatrix(r, row, true); }

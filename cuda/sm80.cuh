@@ -1,6 +1,7 @@
-// Warp-level bf16 tensor-core instructions (sm_80 and later) for cuda/flash_attention.cu: ldmatrix,
+// Instructions of sm_80 and later for cuda/flash_attention.cu: cp.async, which copies global memory
+// to shared memory without passing through registers while the threads go on computing; ldmatrix,
 // which loads four 8 x 8 tiles of 16-bit elements from shared memory straight into the register
-// layout of an MMA operand, and mma.sync.m16n8k16 with fp32 accumulation. Unlike the WMMA API, the
+// layout of an MMA operand; and the bf16 tensor-core product mma.sync.m16n8k16 with fp32 accumulation. Unlike the WMMA API, the
 // register layouts are documented (PTX ISA §9.7.14.5.8 and §9.7.14.5.15), so a kernel can do row-wise
 // work (masking, softmax) in registers and feed one product's output to the next as an operand.
 //
@@ -11,12 +12,33 @@
 // so the C fragments of two adjacent 8-column tiles, rounded to bf16 and paired, are the A fragment of
 // the 16 x 16 tile they form: pack_a_fragment below.
 //
-// The CPU emulator compiles this file as plain C++ (no __CUDACC__) and brings its own ldmatrix_x4,
-// ldmatrix_x4_trans and mma_bf16_16816 (tests/emu/mma_sync.h), which follow the same layouts.
+// The CPU emulator compiles this file as plain C++ (no __CUDACC__) and brings its own cp_async16,
+// cp_async_commit, cp_async_wait_all, ldmatrix_x4, ldmatrix_x4_trans and mma_bf16_16816 (tests/emu/sm80.h):
+// the same layouts, and copies that land in shared memory only at the wait.
 #pragma once
 #include "common.cuh"
 
 #if defined(__CUDACC__)
+// Starts copying 16 bytes (both addresses 16-byte aligned) from global to shared memory. The copy is
+// only known to have landed after cp_async_commit and cp_async_wait_all by this thread, and is seen by
+// other threads after a barrier that follows that wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+}
+
+// The same for 4 bytes (both addresses 4-byte aligned).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(addr), "l"(gmem));
+}
+
+// Closes the group of this thread's copies started since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until every committed group of this thread's copies has landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
 // Lanes 8j .. 8j+7 pass the addresses of the 8 rows (16 bytes each, 16-byte aligned) of tile j; lane l
 // gets, in register j, row l/4 of tile j, columns 2 (l%4) and 2 (l%4) + 1 (the lower in the low half).
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __nv_bfloat16* row) {
