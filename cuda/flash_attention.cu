@@ -49,10 +49,16 @@ constexpr int FA_TILE_ELEMS = FA_TILE * FA_LD;
 constexpr int FA_TILE_BYTES = FA_TILE_ELEMS * 2;
 constexpr int FA_K16 = FA_HS / 16;         // 16-wide k steps over a head or over a 64-key tile
 constexpr int FA_N8 = FA_TILE / 8;         // 8-wide C fragments across 64 columns
+constexpr int FA_CHUNKS = FA_HS / 8;       // 16-byte chunks per tile row
 static_assert(FA_HS == FA_TILE, "one row stride and one product shape serve q/k/v tiles and score tiles");
 
 using Acc = float[FA_N8][4];               // a warp's 16 x 64 fp32 rows, as 8 C fragments
 using FragA = unsigned[FA_K16][4];         // a warp's 16 x 64 bf16 rows, as 4 A fragments (16 x 16)
+
+__device__ __forceinline__ void zero(Acc& acc) {
+    for (int n = 0; n < FA_N8; n++)
+        for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+}
 
 extern __shared__ __align__(128) int4 fa_smem[];
 
@@ -71,9 +77,8 @@ struct SmemCursor {
 // FA_LD) with cp.async, 16 bytes per thread and step; rows i >= valid (past the end of the sequence) are
 // zeroed directly. The caller commits, waits and synchronises before the tile is read.
 __device__ __forceinline__ void copy_tile_async(bf16* dst, const bf16* src, int stride, int valid) {
-    constexpr int CHUNKS = FA_HS / 8;
-    for (int i = threadIdx.x; i < FA_TILE * CHUNKS; i += FA_THREADS) {
-        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+    for (int i = threadIdx.x; i < FA_TILE * FA_CHUNKS; i += FA_THREADS) {
+        const int r = i / FA_CHUNKS, c = (i % FA_CHUNKS) * 8;
         if (r < valid) {
             cp_async16(dst + r * FA_LD + c, src + (size_t)r * stride + c);
         } else {
@@ -84,6 +89,15 @@ __device__ __forceinline__ void copy_tile_async(bf16* dst, const bf16* src, int 
     }
 }
 
+// Starts the copies of the key and value tiles at k0 (rows at k and v + t * stride) into buffer `buf` of
+// the double-buffered Ks and Vs, and commits them, with any copy this thread started before, as a group.
+__device__ __forceinline__ void copy_keys_values_async(bf16* Ks, bf16* Vs, int buf, const bf16* k, const bf16* v,
+                                                       int k0, int stride, int T_) {
+    copy_tile_async(Ks + buf * FA_TILE_ELEMS, k + (size_t)k0 * stride, stride, T_ - k0);
+    copy_tile_async(Vs + buf * FA_TILE_ELEMS, v + (size_t)k0 * stride, stride, T_ - k0);
+    cp_async_commit();
+}
+
 // The A fragments of the warp's 16 rows (row stride FA_LD) of a shared tile.
 __device__ __forceinline__ void load_a(FragA& a, const bf16* rows) {
     const bf16* p = fragment_row(rows, FA_LD, threadIdx.x % WARP_SIZE);
@@ -92,8 +106,7 @@ __device__ __forceinline__ void load_a(FragA& a, const bf16* rows) {
 
 // s = a b^T: a the warp's 16 x 64 rows, b a 64 x 64 shared tile (row n of b is column n of the product).
 __device__ __forceinline__ void product_abt(Acc& s, const FragA& a, const bf16* b) {
-    for (int n = 0; n < FA_N8; n++)
-        for (int i = 0; i < 4; i++) s[n][i] = 0.0f;
+    zero(s);
     const bf16* p = fragment_row_nk(b, FA_LD, threadIdx.x % WARP_SIZE);
     for (int k = 0; k < FA_K16; k++) {
         for (int n = 0; n < FA_N8; n += 2) {      // b rows 8n .. 8n + 15, columns 16k .. 16k + 15
@@ -120,23 +133,20 @@ __device__ __forceinline__ void product_add_ab(Acc& acc, const Acc& p, const bf1
     }
 }
 
-// Writes the warp's 16 x 64 rows acc * (inv[0] for rows g, inv[1] for rows g + 8), rounded to bf16, to
-// dst + row * stride for rows < valid: through `stage` (the warp's 16 rows of a shared tile that only
-// this warp reads), then 16 bytes per lane and step.
-__device__ __forceinline__ void store_rows(bf16* dst, int stride, int valid, const Acc& acc, const float (&inv)[2],
-                                           bf16* stage) {
+// Writes the warp's 16 x 64 rows acc, rounded to bf16, to dst + row * stride for rows < valid: through
+// `stage` (the warp's 16 rows of a shared tile that only this warp reads), then 16 bytes per lane and step.
+__device__ __forceinline__ void store_rows(bf16* dst, int stride, int valid, const Acc& acc, bf16* stage) {
     const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
     __syncwarp();                                            // every lane is done reading stage
     for (int n = 0; n < FA_N8; n++) {
         unsigned* top = reinterpret_cast<unsigned*>(stage + g * FA_LD + 8 * n + 2 * t);
         unsigned* bottom = reinterpret_cast<unsigned*>(stage + (g + 8) * FA_LD + 8 * n + 2 * t);
-        *top = pack_bf16x2(acc[n][0] * inv[0], acc[n][1] * inv[0]);
-        *bottom = pack_bf16x2(acc[n][2] * inv[1], acc[n][3] * inv[1]);
+        *top = pack_bf16x2(acc[n][0], acc[n][1]);
+        *bottom = pack_bf16x2(acc[n][2], acc[n][3]);
     }
     __syncwarp();
-    constexpr int CHUNKS = FA_HS / 8;
-    for (int i = lane; i < FA_ROWS * CHUNKS; i += WARP_SIZE) {
-        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+    for (int i = lane; i < FA_ROWS * FA_CHUNKS; i += WARP_SIZE) {
+        const int r = i / FA_CHUNKS, c = (i % FA_CHUNKS) * 8;
         if (r < valid) store128(dst + (size_t)r * stride + c, load128(stage + r * FA_LD + c));
     }
 }
@@ -166,34 +176,26 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
 
     SmemCursor cur(fa_smem);
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Ks + buf * FA_TILE_ELEMS
+    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile buf at + buf * FA_TILE_ELEMS
     bf16* Vs = cur.take<bf16>(2 * FA_TILE_BYTES);
     bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // read only by this warp: the output's stage
 
     copy_tile_async(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
-    copy_tile_async(Ks, k, stride, T_);
-    copy_tile_async(Vs, v, stride, T_);
-    cp_async_commit();
+    copy_keys_values_async(Ks, Vs, 0, k, v, 0, stride, T_);
     FragA qf;                                                // q stays in registers
     const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};   // >= T_: padding rows
     float m[2] = {neg_infinity(), neg_infinity()};           // running max of q.k per row
     float l[2] = {0.0f, 0.0f};                               // this lane's part of the running sum
     Acc o;
-    for (int n = 0; n < FA_N8; n++)
-        for (int i = 0; i < 4; i++) o[n][i] = 0.0f;
+    zero(o);
 
     for (int k0 = 0, buf = 0; k0 <= q0; k0 += FA_TILE, buf ^= 1) {   // key tiles at or before the query tile
         cp_async_wait_all();
         __syncthreads();                                     // this tile is in; the other buffer is free
-        if (k0 < q0) {                                       // the next tile's copies fly during the products
-            const int next = k0 + FA_TILE;
-            copy_tile_async(Ks + (buf ^ 1) * FA_TILE_ELEMS, k + (size_t)next * stride, stride, T_ - next);
-            copy_tile_async(Vs + (buf ^ 1) * FA_TILE_ELEMS, v + (size_t)next * stride, stride, T_ - next);
-            cp_async_commit();
-        }
+        if (k0 < q0) copy_keys_values_async(Ks, Vs, buf ^ 1, k, v, k0 + FA_TILE, stride, T_);   // during the products
         if (k0 == 0) load_a(qf, my_rows);
         Acc s;
-        product_abt(s, qf, Ks + buf * FA_TILE_ELEMS);                         // q k^T, unscaled
+        product_abt(s, qf, Ks + buf * FA_TILE_ELEMS);        // q k^T, unscaled
         if (k0 == q0) {                                      // the diagonal tile: keys after the query
             for (int n = 0; n < FA_N8; n++)
                 for (int i = 0; i < 4; i++)
@@ -216,16 +218,16 @@ flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, in
             l[r] = l[r] * correction + sum;
             m[r] = mx;
         }
-        product_add_ab(o, s, Vs + buf * FA_TILE_ELEMS);                       // o += P v
+        product_add_ab(o, s, Vs + buf * FA_TILE_ELEMS);      // o += P v
     }
 
-    float inv[2];
     for (int r = 0; r < 2; r++) {
         l[r] = quad_sum(l[r]);
-        inv[r] = 1.0f / l[r];
+        const float inv = 1.0f / l[r];
+        for (int n = 0; n < FA_N8; n++) o[n][2 * r] *= inv, o[n][2 * r + 1] *= inv;
     }
     const int first = q0 + warp * FA_ROWS;
-    store_rows(out + ((size_t)b * T_ + first) * C + h * FA_HS, C, T_ - first, o, inv, my_rows);
+    store_rows(out + ((size_t)b * T_ + first) * C + h * FA_HS, C, T_ - first, o, my_rows);
     if (t4 == 0) {
         for (int r = 0; r < 2; r++)
             if (row[r] < T_) lse[(size_t)bh * T_ + row[r]] = scale * m[r] + __logf(l[r]);
@@ -267,7 +269,7 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     SmemCursor cur(fa_smem);
     bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
     bf16* Vs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Qs = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Qs + buf * FA_TILE_ELEMS
+    bf16* Qs = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile buf at + buf * FA_TILE_ELEMS
     bf16* dOs = cur.take<bf16>(2 * FA_TILE_BYTES);
     float* lse_s = cur.take<float>(2 * FA_TILE * 4);        // and lse_s + buf * FA_TILE
     float* delta_s = cur.take<float>(2 * FA_TILE * 4);
@@ -292,8 +294,8 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     copy_queries(k0, 0);
     const int key[2] = {k0 + warp * FA_ROWS + g, k0 + warp * FA_ROWS + g + 8};
     Acc dk, dv;
-    for (int n = 0; n < FA_N8; n++)
-        for (int i = 0; i < 4; i++) dk[n][i] = dv[n][i] = 0.0f;
+    zero(dk);
+    zero(dv);
 
     for (int q0 = k0, buf = 0; q0 < T_; q0 += FA_TILE, buf ^= 1) {   // query tiles at or after the key tile
         cp_async_wait_all();
@@ -326,10 +328,9 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     }
 
     const int first = k0 + warp * FA_ROWS;
-    const float one[2] = {1.0f, 1.0f};
     bf16* dst = dqkv + (token0 + first) * stride + h * FA_HS;
-    store_rows(dst + C, stride, T_ - first, dk, one, my_keys);
-    store_rows(dst + 2 * C, stride, T_ - first, dv, one, my_values);
+    store_rows(dst + C, stride, T_ - first, dk, my_keys);
+    store_rows(dst + 2 * C, stride, T_ - first, dv, my_values);
 }
 
 __global__ void __launch_bounds__(FA_THREADS)
@@ -345,15 +346,13 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
     SmemCursor cur(fa_smem);
     bf16* Qs = cur.take<bf16>(FA_TILE_BYTES);
     bf16* dOs = cur.take<bf16>(FA_TILE_BYTES);
-    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile `buf` at Ks + buf * FA_TILE_ELEMS
+    bf16* Ks = cur.take<bf16>(2 * FA_TILE_BYTES);           // double buffered: tile buf at + buf * FA_TILE_ELEMS
     bf16* Vs = cur.take<bf16>(2 * FA_TILE_BYTES);
     bf16* my_rows = Qs + warp * FA_ROWS * FA_LD;             // this warp's rows of Q and dout: only it reads them
 
     copy_tile_async(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
     copy_tile_async(dOs, dout + (token0 + q0) * C + h * FA_HS, C, T_ - q0);
-    copy_tile_async(Ks, q + C, stride, T_);
-    copy_tile_async(Vs, q + 2 * C, stride, T_);
-    cp_async_commit();
+    copy_keys_values_async(Ks, Vs, 0, q + C, q + 2 * C, 0, stride, T_);
     const int row[2] = {q0 + warp * FA_ROWS + g, q0 + warp * FA_ROWS + g + 8};
     float lse_r[2], delta_r[2];
     for (int r = 0; r < 2; r++) {
@@ -361,24 +360,18 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
         delta_r[r] = row[r] < T_ ? delta[(size_t)bh * T_ + row[r]] : 0.0f;
     }
     Acc dq;
-    for (int n = 0; n < FA_N8; n++)
-        for (int i = 0; i < 4; i++) dq[n][i] = 0.0f;
+    zero(dq);
 
     for (int k0 = 0, buf = 0; k0 <= q0; k0 += FA_TILE, buf ^= 1) {
         cp_async_wait_all();
         __syncthreads();                                     // this tile is in; the other buffer is free
-        if (k0 < q0) {                                       // the next tile's copies fly during the products
-            const int next = k0 + FA_TILE;
-            copy_tile_async(Ks + (buf ^ 1) * FA_TILE_ELEMS, q + C + (size_t)next * stride, stride, T_ - next);
-            copy_tile_async(Vs + (buf ^ 1) * FA_TILE_ELEMS, q + 2 * C + (size_t)next * stride, stride, T_ - next);
-            cp_async_commit();
-        }
+        if (k0 < q0) copy_keys_values_async(Ks, Vs, buf ^ 1, q + C, q + 2 * C, k0 + FA_TILE, stride, T_);
         FragA a;
         Acc s, dp;
         load_a(a, my_rows);
-        product_abt(s, a, Ks + buf * FA_TILE_ELEMS);                          // q k^T
+        product_abt(s, a, Ks + buf * FA_TILE_ELEMS);         // q k^T
         load_a(a, dOs + warp * FA_ROWS * FA_LD);
-        product_abt(dp, a, Vs + buf * FA_TILE_ELEMS);                         // dout v^T
+        product_abt(dp, a, Vs + buf * FA_TILE_ELEMS);        // dout v^T
         for (int n = 0; n < FA_N8; n++) {
             for (int i = 0; i < 4; i++) {
                 const int r = i / 2;
@@ -390,10 +383,9 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
                 s[n][i] = scale * dz;                        // d(q.k) = scale dz
             }
         }
-        product_add_ab(dq, s, Ks + buf * FA_TILE_ELEMS);                      // dq += d(q.k) k
+        product_add_ab(dq, s, Ks + buf * FA_TILE_ELEMS);     // dq += d(q.k) k
     }
 
     const int first = q0 + warp * FA_ROWS;
-    const float one[2] = {1.0f, 1.0f};
-    store_rows(dqkv + (token0 + first) * stride + h * FA_HS, stride, T_ - first, dq, one, my_rows);
+    store_rows(dqkv + (token0 + first) * stride + h * FA_HS, stride, T_ - first, dq, my_rows);
 }

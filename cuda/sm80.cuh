@@ -1,9 +1,10 @@
 // Instructions of sm_80 and later for cuda/flash_attention.cu: cp.async, which copies global memory
 // to shared memory without passing through registers while the threads go on computing; ldmatrix,
 // which loads four 8 x 8 tiles of 16-bit elements from shared memory straight into the register
-// layout of an MMA operand; and the bf16 tensor-core product mma.sync.m16n8k16 with fp32 accumulation. Unlike the WMMA API, the
-// register layouts are documented (PTX ISA §9.7.14.5.8 and §9.7.14.5.15), so a kernel can do row-wise
-// work (masking, softmax) in registers and feed one product's output to the next as an operand.
+// layout of an MMA operand; and the bf16 tensor-core product mma.sync.m16n8k16 with fp32 accumulation.
+// Unlike the WMMA API, the register layouts are documented (PTX ISA §9.7.14.5.8 and §9.7.14.5.15), so
+// a kernel can do row-wise work (masking, softmax) in registers and feed one product's output to the
+// next as an operand.
 //
 // With g = lane / 4 and t = lane % 4 (the PTX ISA's groupID and threadID_in_group):
 //   A (16 x 16, row-major), 4 registers of 2 bf16: register i holds A(g + 8 (i%2), 2t + 8 (i/2) + {0,1})
@@ -19,18 +20,21 @@
 #include "common.cuh"
 
 #if defined(__CUDACC__)
+// The 32-bit shared-state-space address of a generic pointer into shared memory, as the instructions take it.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
 // Starts copying 16 bytes (both addresses 16-byte aligned) from global to shared memory. The copy is
 // only known to have landed after cp_async_commit and cp_async_wait_all by this thread, and is seen by
 // other threads after a barrier that follows that wait.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem));
 }
 
 // The same for 4 bytes (both addresses 4-byte aligned).
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(addr), "l"(gmem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_address(smem)), "l"(gmem));
 }
 
 // Closes the group of this thread's copies started since the last commit.
@@ -42,18 +46,16 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // Lanes 8j .. 8j+7 pass the addresses of the 8 rows (16 bytes each, 16-byte aligned) of tile j; lane l
 // gets, in register j, row l/4 of tile j, columns 2 (l%4) and 2 (l%4) + 1 (the lower in the low half).
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __nv_bfloat16* row) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
+                 : "r"(shared_address(row)));
 }
 
 // The same, each tile transposed: register j gets rows 2 (l%4) and 2 (l%4) + 1 of column l/4.
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __nv_bfloat16* row) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
+                 : "r"(shared_address(row)));
 }
 
 // d += a b for one 16 x 8 tile of d, with a 16 x 16 and b 16 x 8 (fragments as above).

@@ -293,10 +293,9 @@ void warp_gather(const void* mine, size_t bytes, void* all) {
     const int slot = f.gather_parity;
     f.gather_parity ^= 1;
     memcpy(f.gathered[slot], mine, bytes);
-    shuffle(0xffffffffu, 0, f.lane);
-    const Fiber& me = fibers[current];
+    shuffle(0xffffffffu, 0, f.lane);                 // fibers is not resized during a block: f stays valid
     for (int l = 0; l < 32; l++) {
-        memcpy(static_cast<unsigned char*>(all) + l * bytes, fibers[32 * me.warp + l].gathered[slot], bytes);
+        memcpy(static_cast<unsigned char*>(all) + l * bytes, fibers[32 * f.warp + l].gathered[slot], bytes);
     }
 }
 

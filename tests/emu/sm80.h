@@ -15,8 +15,7 @@
 // are fp32 in k order; the tensor cores' order is unspecified.
 //
 // What is checked: every row address of ldmatrix is 16-byte aligned, and all 32 lanes take part
-// (a lane that has exited makes the barrier fail). Shared memory read before another lane's write
-// reaches it still reads 0xff bytes (NaN), as in the other stand-ins.
+// (a lane that has exited makes the barrier fail).
 #pragma once
 #include "emu.h"
 
@@ -66,7 +65,9 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, u
     Operands all[32];
     emu::warp_gather(&mine, sizeof mine, all);
     using emu::detail::bf16_half;
-    auto A = [&](int row, int k) { return bf16_half(all[4 * (row % 8) + k % 8 / 2].a[row / 8 + 2 * (k / 8)], k % 2); };
+    auto A = [&](int row, int k) {
+        return bf16_half(all[4 * (row % 8) + k % 8 / 2].a[row / 8 + 2 * (k / 8)], k % 2);
+    };
     auto B = [&](int k, int col) { return bf16_half(all[4 * col + k % 8 / 2].b[k / 8], k % 2); };
     const int lane = emu::lane_id(), g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; i++) {
