@@ -111,6 +111,11 @@ def test_fresh_memory_reads_as_nan(emulator):
     assert np.all(np.isnan(emulator.to_host(out)))
     with pytest.raises(EmulatorError, match="exceed"):
         emulator.run("uninitialized_shared_kernel", (1,), (32,), (out,), shared_mem=300 * 1024)
+    # static __shared__ too: each block starts from NaN, not from what the last block left
+    stale = emulator.zeros((3,))
+    emulator.run("stale_shared_kernel", (3,), (1,), (stale,))
+    host = emulator.to_host(stale)
+    assert host[0] == 1.0 and np.all(np.isnan(host[1:])), host
 
 
 def test_writes_past_the_dynamic_shared_memory_are_reported(emulator):

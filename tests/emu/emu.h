@@ -6,7 +6,8 @@
 // functions) get CPU definitions. Every CUDA thread of a block runs as a fiber (own stack) on one OS
 // thread; __syncthreads and the warp shuffles are barriers at which the scheduler switches fibers,
 // so blocks run one after another and a thread_local variable is exactly per-block shared memory
-// (`extern __shared__` arrays are defined by the generated registration file, tests/cuda_emu.py).
+// (`extern __shared__` arrays are defined by the generated registration file, tests/cuda_emu.py);
+// the scheduler fills all of it with NaN bytes before each block, since a GPU gives a block garbage.
 //
 // The scheduler reports, instead of hanging or guessing: threads of a block that wait at different
 // __syncthreads calls (divergent barriers; threads that have exited are not waited for, as on

@@ -6,10 +6,13 @@
 // scheduler releases a warp whose live lanes all wait at a shuffle, or else the block if all of its
 // live threads wait at the same __syncthreads; otherwise the launch fails with a message (on a GPU
 // it would hang or silently misbehave).
+#include <dlfcn.h>
+#include <link.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 
@@ -301,6 +304,55 @@ void warp_gather(const void* mine, size_t bytes, void* all) {
 
 void register_kernel(Kernel k) { registry()[k.name] = k; }
 
+// Static __shared__ variables are thread_local (emu.h), so they sit in this library's TLS block
+// beside the `extern __shared__` arrays; and as blocks run one after another on one OS thread, a
+// block would find what the previous block left there (or zeros, for the first), where a GPU gives
+// it garbage. The spans below are that block less the extern arrays: every block starts with them
+// filled with NaN bytes, as the extern arrays are.
+struct Span {
+    unsigned char* begin;
+    size_t size;
+};
+thread_local unsigned char tls_probe;   // touched first, so that this thread's TLS block exists
+
+int find_tls_block(dl_phdr_info* info, size_t, void* data) {
+    auto* block = static_cast<Span*>(data);
+    const auto self = reinterpret_cast<ElfW(Addr)>(&find_tls_block);
+    bool mine = false;
+    size_t tls_size = 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        const ElfW(Addr) start = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD && self >= start && self < start + ph.p_memsz) mine = true;
+        if (ph.p_type == PT_TLS) tls_size = ph.p_memsz;
+    }
+    if (!mine) return 0;
+    *block = {static_cast<unsigned char*>(info->dlpi_tls_data), tls_size};
+    return 1;
+}
+
+std::vector<Span> static_shared_spans() {
+    *static_cast<volatile unsigned char*>(&tls_probe) = 0;
+    Span block{nullptr, 0};
+    dl_iterate_phdr(find_tls_block, &block);
+    if (!block.begin) return {};
+    std::vector<unsigned char*> arrays;     // each MAX_DYNAMIC_SHARED_BYTES long
+    for (const auto& entry : registry()) {
+        const Kernel& k = entry.second;
+        if (k.dynamic_shared) arrays.push_back(reinterpret_cast<unsigned char*>(k.dynamic_shared()));
+    }
+    std::sort(arrays.begin(), arrays.end());
+    arrays.erase(std::unique(arrays.begin(), arrays.end()), arrays.end());
+    std::vector<Span> spans;
+    unsigned char* at = block.begin;
+    for (unsigned char* a : arrays) {
+        if (a > at) spans.push_back({at, size_t(a - at)});
+        at = std::max(at, a + MAX_DYNAMIC_SHARED_BYTES);
+    }
+    if (block.begin + block.size > at) spans.push_back({at, size_t(block.begin + block.size - at)});
+    return spans;
+}
+
 }  // namespace emu
 
 // ---- C interface ---------------------------------------------------------------------------------
@@ -372,14 +424,15 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
     sigaction(SIGSEGV, &action, &old_segv);
     sigaction(SIGBUS, &action, &old_bus);
     int rc = 0;
+    const std::vector<Span> static_shared = static_shared_spans();
     if (sigsetjmp(segv_jump, 1) == 0) {
         const unsigned num_blocks = grid[0] * grid[1] * grid[2];
         for (unsigned j = 0; j < num_blocks && !rc; j++) {
             const unsigned b = reverse_order ? num_blocks - 1 - j : j;
             blockIdx = dim3{b % grid[0], b / grid[0] % grid[1], b / (grid[0] * grid[1])};
-            if (k.dynamic_shared) {          // fresh blocks see garbage, not zeros: NaN bytes
-                memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
-            }
+            // fresh blocks see garbage, not zeros or the last block's values: NaN bytes
+            for (const Span& span : static_shared) memset(span.begin, 0xff, span.size);
+            if (k.dynamic_shared) memset(k.dynamic_shared(), 0xff, MAX_DYNAMIC_SHARED_BYTES);
             if (!run_block()) rc = 1;
             if (!rc && k.dynamic_shared && shared_mem < MAX_DYNAMIC_SHARED_BYTES) {
                 // a GPU gives the block shared_mem bytes; a kernel that wrote past them would have

@@ -51,6 +51,15 @@ __global__ void uninitialized_shared_kernel(float* out) {
     out[threadIdx.x] = buf[threadIdx.x];
 }
 
+// block 0 writes a static shared variable that every block reads: the others find garbage there on a
+// GPU, not block 0's value (nor zeros)
+__global__ void stale_shared_kernel(float* out) {
+    __shared__ float value;
+    if (blockIdx.x == 0) value = 1.0f;
+    __syncthreads();
+    out[blockIdx.x] = value;
+}
+
 // thread i reads what thread i+1 wrote with no barrier in between: a race
 __global__ void racy_shared_kernel(float* out) {
     __shared__ float slot[1024];
