@@ -93,7 +93,8 @@ run_step() {   # name, then the command; its output goes to the console and to $
 wants() { [[ ",$only," == *",$1,"* ]]; }
 
 if wants tests; then
-    run_step tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
+    run_step tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rfEs \
+        --junitxml="$out/gpu_tests.xml" tests
 fi
 if wants sanitizer; then
     if command -v compute-sanitizer > /dev/null; then
