@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 
-from llmpy.data import atomic_write
+from llmpy.data import HEADER_BYTES, atomic_write, read_header
 from llmpy.errors import LlmpyError
 from llmpy.model import GPTConfig, num_parameters
 from llmpy.rng import MT_STATE_BYTES
@@ -23,7 +23,6 @@ MODEL_MAGIC = 20240326
 MODEL_VERSIONS = {3: "fp32", 5: "bf16"}          # header version -> payload dtype
 STATE_MAGIC = 20240527
 STATE_VERSION = 1
-HEADER_BYTES = 1024                              # 256 int32 slots
 CONVERT_CHUNK = 1 << 24                          # elements per bf16 conversion chunk (bounded memory)
 
 # -------------------------------------------------------------------------------------------------
@@ -53,22 +52,9 @@ def bf16_bits_to_f32(u) -> np.ndarray:
 # Model files
 
 
-def _read_header(path: str, what: str) -> tuple[np.ndarray, int]:
-    """The 256 int32 header slots and the file size; LlmpyError if missing or too short."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise LlmpyError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    if len(raw) < HEADER_BYTES:
-        raise LlmpyError(f"{path}: {size} bytes, too small for the 1024-byte {what} header")
-    return np.frombuffer(raw, dtype="<i4").copy(), size
-
-
 def read_model_header(path: str) -> tuple[GPTConfig, int]:
     """Validate an llm.c model file's header and size; return (config, version 3 or 5)."""
-    h, size = _read_header(path, "model file")
+    h, size = read_header(path, "model file")
     if h[0] != MODEL_MAGIC:
         raise LlmpyError(f"{path}: bad magic {h[0]} (expected {MODEL_MAGIC}); not an llm.c model file")
     version = int(h[1])
@@ -179,7 +165,7 @@ def load_state(path: str, *, num_parameters: int, num_processes: int | None = No
     Returns a dict with the keys of `save_state` plus num_processes and rank; `loader_state` is
     always a dict (position zero if none was saved). Pass num_processes/rank to require a match.
     """
-    h, size = _read_header(path, "state file")
+    h, size = read_header(path, "state file")
     if h[0] != STATE_MAGIC:
         raise LlmpyError(f"{path}: bad magic {h[0]} (expected {STATE_MAGIC}); not an llm.c state file")
     if h[1] != STATE_VERSION:

@@ -51,17 +51,24 @@ def write_shard(path: str, tokens) -> None:
     atomic_write(path, [header.tobytes(), toks.astype("<u2").tobytes()])
 
 
-def read_shard_header(path: str) -> int:
-    """Validate a token shard (exists, magic, version, size == 1024 + 2*count) and return its count."""
+def read_header(path: str, what: str) -> tuple[np.ndarray, int]:
+    """The 256 int32 header slots of an llm.c file (shard, model, state) and the file's size;
+    LlmpyError naming the file if it is missing, unreadable or too short."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as e:
-        raise LlmpyError(f"{path}: cannot read token shard ({e.strerror or e})") from None
+        raise LlmpyError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     if len(raw) < HEADER_BYTES:
-        raise LlmpyError(f"{path}: {size} bytes, too small for the 1024-byte token-shard header")
-    magic, version, ntok = np.frombuffer(raw, dtype="<i4", count=3).tolist()
+        raise LlmpyError(f"{path}: {size} bytes, too small for the {HEADER_BYTES}-byte {what} header")
+    return np.frombuffer(raw, dtype="<i4").copy(), size
+
+
+def read_shard_header(path: str) -> int:
+    """Validate a token shard (exists, magic, version, size == 1024 + 2*count) and return its count."""
+    header, size = read_header(path, "token shard")
+    magic, version, ntok = header[:3].tolist()
     if magic != SHARD_MAGIC:
         raise LlmpyError(f"{path}: bad magic {magic} (expected {SHARD_MAGIC}); not an llm.c GPT-2 token shard")
     if version != SHARD_VERSION:
