@@ -72,7 +72,7 @@ class TrainConfig:
     recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)")
     log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
     device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
-    dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on cuda, fp32 on cpu)",
+    dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on GPUs of sm_80+, else fp32)",
                       choices=("auto", "fp32", "bf16"))
     cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it")
     flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "

@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("cupy")   # llmpy.gpu imports CuPy (which needs no device to import)
 
 import llmpy.cpu as cpu  # noqa: E402
+import llmpy.gpu.engine  # noqa: E402
+from llmpy.errors import LlmpyError  # noqa: E402
 from llmpy.gpu.arena import Arena  # noqa: E402
 from llmpy.gpu.engine import (GPUGPT, LT_WORKSPACE_BYTES, adamw_seeds, buffer_specs,  # noqa: E402
                               engine_options, train_setup)
@@ -141,6 +143,12 @@ def test_engine_options_follow_llmc_defaults():
     assert engine_options(dataclasses.replace(base, dtype="fp32", tf32=0))["tf32"] is False
     assert engine_options(dataclasses.replace(base, master_weights=0))["master_weights"] is False
     assert engine_options(dataclasses.replace(base, cuda_graph=0, recompute=0))["cuda_graph"] is False
+    # below sm_80 (T4: sm_75) cuBLASLt has no bf16 matmuls and there is no TF32: auto is plain fp32
+    assert engine_options(base, 80)["dtype"] == "bf16"
+    old = engine_options(base, 75)
+    assert (old["dtype"], old["master_weights"], old["tf32"]) == ("fp32", False, False)
+    with pytest.raises(LlmpyError, match=r"^--dtype bf16: this GPU \(sm_75\) has no bf16 matmuls"):
+        engine_options(dataclasses.replace(base, dtype="bf16"), 75)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -612,7 +620,7 @@ def test_memory_returns_to_baseline_after_close_and_exceptions(backend):
     assert used() == base and cublaslt.default_handle() is handle
 
 
-def test_train_setup_prints_device_and_builds_the_engine(backend):
+def test_train_setup_prints_device_and_builds_the_engine(backend, monkeypatch):
     from llmpy.train import TrainConfig
     lines = []
     ops, make_model = train_setup(TrainConfig(batch_size=2, seq_len=32), log=lines.append)
@@ -632,6 +640,13 @@ def test_train_setup_prints_device_and_builds_the_engine(backend):
     _, make_model = train_setup(TrainConfig(batch_size=1, seq_len=96, flash_attention=1), log=lines.append)
     with make_model(FLASH, make_params(FLASH)) as model:
         assert model.flash_attention and "act.att_lse" in model.arena.views and "act.att" not in model.arena.views
+    # a GPU without bf16 matmuls: --dtype auto trains in fp32, and says why
+    lines.clear()
+    monkeypatch.setattr(llmpy.gpu.engine, "device_description", lambda: ("Tesla T4", "sm_75"))
+    _, make_model = train_setup(TrainConfig(batch_size=2, seq_len=32), log=lines.append)
+    with make_model(TINY, make_params(TINY)) as model:
+        assert model.checkpoint_dtype == "fp32" and model.master is None
+    assert lines[1] == "precision: fp32, TF32 matmuls off (-f 1) (--dtype auto: sm_75 has no bf16 matmuls)"
 
 
 # -------------------------------------------------------------------------------------------------

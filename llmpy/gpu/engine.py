@@ -85,14 +85,22 @@ def adamw_seeds(rng_state: int) -> list[int]:
     return [rng.random_u32() for _ in range(NUM_TENSORS)]
 
 
-def engine_options(cfg) -> dict:
-    """GPUGPT keyword arguments from a TrainConfig: llm.c's defaults are bf16 with fp32 master weights;
-    --dtype fp32 trains in fp32 (TF32 matmuls unless -f 0), where a master copy would be a duplicate."""
-    dtype = "fp32" if cfg.dtype == "fp32" else "bf16"
+BF16_MIN_SM = 80   # bf16 tensor-core GEMMs in cuBLASLt (and cp.async/mma.sync in the fused attention)
+
+
+def engine_options(cfg, sm: int = 90) -> dict:
+    """GPUGPT keyword arguments from a TrainConfig, on a GPU of compute capability sm (80: sm_80): llm.c's
+    defaults are bf16 with fp32 master weights; --dtype fp32 trains in fp32 (TF32 matmuls unless -f 0),
+    where a master copy would be a duplicate. --dtype auto is fp32 below sm_80 (a T4, say), which has no
+    bf16 matmuls; --dtype bf16 there is an error."""
+    if cfg.dtype == "bf16" and sm < BF16_MIN_SM:
+        raise LlmpyError(f"--dtype bf16: this GPU (sm_{sm}) has no bf16 matmuls, which need sm_{BF16_MIN_SM} "
+                         "or newer; use --dtype fp32")
+    dtype = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and sm >= BF16_MIN_SM) else "fp32"
     return dict(dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
-                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32",
+                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= 80,
                 flash_attention=bool(cfg.flash_attention))
 
 
@@ -114,12 +122,13 @@ def train_setup(cfg, *, log=print):
     import llmpy.gpu as ops
     name, sm = device_description()
     log(f"device: cuda ({name}, {sm})")
-    opts = engine_options(cfg)
+    opts = engine_options(cfg, int(sm.removeprefix("sm_")))
     if opts["dtype"] == "bf16":
         log("precision: bf16 params, grads and activations, fp32 AdamW state, "
             + ("fp32 master weights (-w 1)" if opts["master_weights"] else "no master weights (-w 0)"))
     else:
-        log(f"precision: fp32, TF32 matmuls {'on' if opts['tf32'] else 'off'} (-f {cfg.tf32})")
+        why = f" (--dtype auto: {sm} has no bf16 matmuls)" if cfg.dtype == "auto" else ""
+        log(f"precision: fp32, TF32 matmuls {'on' if opts['tf32'] else 'off'} (-f {cfg.tf32}){why}")
     log(f"cuda graph: {'on' if opts['cuda_graph'] else 'off'}; recompute: {cfg.recompute}; "
         f"gelu fusion: {cfg.gelu_fusion}; flash attention: {cfg.flash_attention}")
 
