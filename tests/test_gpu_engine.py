@@ -56,6 +56,8 @@ def bf16_dtype():
     ("NVIDIA GeForce RTX 4080", "bf16", 97.5),        # mfu.h's own worked example: 165.2/512*304/2520*2505
     ("Tesla V100-SXM2-16GB", "fp32", 125.0),
     ("Tesla V100-SXM2-16GB", "bf16", -1.0),           # Volta has no bf16
+    ("NVIDIA L4", "bf16", 121.0),                     # datasheet (not llm.c's): Modal's default GPU
+    ("NVIDIA L4", "fp32", 60.0),
     ("NVIDIA B200", "bf16", -1.0),                    # not in the table
 ])
 def test_peak_tflops_follow_llmc_table(name, dtype, expected):

@@ -61,9 +61,19 @@ GPU_SPECS = {
 }
 
 
+# GPUs llm.c's table lacks, by their datasheets' dense (TF32, BF16) TFLOPS: the L4 is Modal's default
+# GPU, and scaling llm.c's consumer-Ada row to it would halve its bf16 rate (perf-anchors.md §7).
+DATASHEET_PEAKS = {
+    "NVIDIA L4": (60.0, 121.0),
+}
+
+
 def peak_tflops(device_name: str, dtype: str) -> float:
     """Dense tensor-core TFLOPS of a GPU for dtype 'bf16' (fp32 accumulate) or 'fp32' (counted at the
     TF32 rate, as llm.c's fp32 build does); -1.0 for a GPU or precision the table does not know."""
+    if device_name in DATASHEET_PEAKS:
+        tf32, bf16 = DATASHEET_PEAKS[device_name]
+        return bf16 if dtype in ("bf16", "bfloat16") else tf32
     if device_name not in GPU_SPECS:
         return -1.0
     arch, cores, mhz = GPU_SPECS[device_name]
