@@ -160,6 +160,12 @@ def grad_act_shapes(cfg: GPTConfig, B: int, T: int, *, flash: bool = False) -> d
 FP32_ACTS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses", "att_lse",
              "datt_delta")
 
+
+def act_dtype(name: str, dtype) -> np.dtype:
+    """Storage dtype of the activation (or activation gradient) `name` in a model of `dtype`."""
+    return np.dtype(np.float32 if name in FP32_ACTS else dtype)
+
+
 # -------------------------------------------------------------------------------------------------
 # The model
 
@@ -195,7 +201,7 @@ class GPT:
         """Activation views for a (B, T) batch, allocated once per shape."""
         if (B, T) not in self._acts:
             shapes = act_shapes(self.config, B, T, flash=self.flash_attention)
-            self._acts[(B, T)] = {k: self.xp.zeros(s, dtype=np.float32 if k in FP32_ACTS else self.dtype)
+            self._acts[(B, T)] = {k: self.xp.zeros(s, dtype=act_dtype(k, self.dtype))
                                   for k, s in shapes.items()}
         return self._acts[(B, T)]
 
@@ -203,7 +209,7 @@ class GPT:
         key = ("grad", B, T)
         if key not in self._acts:
             shapes = grad_act_shapes(self.config, B, T, flash=self.flash_attention)
-            self._acts[key] = {k: self.xp.zeros(s, dtype=np.float32 if k in FP32_ACTS else self.dtype)
+            self._acts[key] = {k: self.xp.zeros(s, dtype=act_dtype(k, self.dtype))
                                for k, s in shapes.items()}
         return self._acts[key]
 

@@ -147,8 +147,8 @@ def test_engine_options_follow_llmc_defaults():
     assert engine_options(dataclasses.replace(base, cuda_graph=0, recompute=0))["cuda_graph"] is False
     # below sm_80 (T4: sm_75) cuBLASLt has no bf16 matmuls and there is no TF32: auto is plain fp32
     assert engine_options(base, 80)["dtype"] == "bf16"
-    old = engine_options(base, 75)
-    assert (old["dtype"], old["master_weights"], old["tf32"]) == ("fp32", False, False)
+    t4 = engine_options(base, 75)
+    assert (t4["dtype"], t4["master_weights"], t4["tf32"]) == ("fp32", False, False)
     with pytest.raises(LlmpyError, match=r"^--dtype bf16: this GPU \(sm_75\) has no bf16 matmuls"):
         engine_options(dataclasses.replace(base, dtype="bf16"), 75)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from llmpy.errors import LlmpyError
 from llmpy.gpu.mfu import flops_per_token, mfu_percent, peak_tflops
-from llmpy.model import (DECAYED, FP32_ACTS, GPT, GPTConfig, act_shapes, carve, grad_act_shapes,
+from llmpy.model import (DECAYED, GPT, GPTConfig, act_dtype, act_shapes, carve, grad_act_shapes,
                          num_parameters, param_shapes)
 from llmpy.rng import XorShiftStar
 
@@ -68,8 +68,8 @@ def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bo
     for name, shape in act_shapes(config, B, T, flash=flash).items():
         if recompute and name == "fch_gelu":
             shape = shape[1:]
-        specs.append((f"act.{name}", shape, F32 if name in FP32_ACTS else dtype))
-    specs += [(f"dact.{name}", shape, F32 if name in FP32_ACTS else dtype)
+        specs.append((f"act.{name}", shape, act_dtype(name, dtype)))
+    specs += [(f"dact.{name}", shape, act_dtype(name, dtype))
               for name, shape in grad_act_shapes(config, B, T, flash=flash).items()]
     specs += [(name, tuple(shape), np.dtype(dt)) for name, shape, dt in scratch]
     specs += [("inp", (B, T), I32), ("targets", (B, T), I32), ("adamw_scalars", (4,), F32),
@@ -85,7 +85,7 @@ def adamw_seeds(rng_state: int) -> list[int]:
     return [rng.random_u32() for _ in range(NUM_TENSORS)]
 
 
-BF16_MIN_SM = 80   # bf16 tensor-core GEMMs in cuBLASLt (and cp.async/mma.sync in the fused attention)
+AMPERE_SM = 80   # sm_80: bf16 and TF32 tensor-core matmuls (and the fused attention's cp.async/mma.sync)
 
 
 def engine_options(cfg, sm: int = 90) -> dict:
@@ -93,14 +93,14 @@ def engine_options(cfg, sm: int = 90) -> dict:
     defaults are bf16 with fp32 master weights; --dtype fp32 trains in fp32 (TF32 matmuls unless -f 0),
     where a master copy would be a duplicate. --dtype auto is fp32 below sm_80 (a T4, say), which has no
     bf16 matmuls; --dtype bf16 there is an error."""
-    if cfg.dtype == "bf16" and sm < BF16_MIN_SM:
-        raise LlmpyError(f"--dtype bf16: this GPU (sm_{sm}) has no bf16 matmuls, which need sm_{BF16_MIN_SM} "
+    if cfg.dtype == "bf16" and sm < AMPERE_SM:
+        raise LlmpyError(f"--dtype bf16: this GPU (sm_{sm}) has no bf16 matmuls, which need sm_{AMPERE_SM} "
                          "or newer; use --dtype fp32")
-    dtype = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and sm >= BF16_MIN_SM) else "fp32"
+    dtype = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and sm >= AMPERE_SM) else "fp32"
     return dict(dtype=dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
-                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= 80,
+                cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= AMPERE_SM,
                 flash_attention=bool(cfg.flash_attention))
 
 
