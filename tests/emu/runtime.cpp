@@ -8,6 +8,7 @@
 // it would hang or silently misbehave).
 #include <dlfcn.h>
 #include <link.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -331,7 +332,7 @@ int find_tls_block(dl_phdr_info* info, size_t, void* data) {
     return 1;
 }
 
-std::vector<Span> static_shared_spans() {
+std::vector<Span> find_static_shared_spans() {
     *static_cast<volatile unsigned char*>(&tls_probe) = 0;
     Span block{nullptr, 0};
     dl_iterate_phdr(find_tls_block, &block);
@@ -350,6 +351,20 @@ std::vector<Span> static_shared_spans() {
         at = std::max(at, a + MAX_DYNAMIC_SHARED_BYTES);
     }
     if (block.begin + block.size > at) spans.push_back({at, size_t(block.begin + block.size - at)});
+    return spans;
+}
+
+// The spans, found once per OS thread that launches (the TLS block is the thread's; the registry is
+// complete once the library is loaded). Not thread_local themselves: that memory is what gets filled.
+const std::vector<Span>& static_shared_spans() {
+    static std::vector<Span> spans;
+    static pthread_t owner;
+    static bool found = false;
+    if (!found || !pthread_equal(owner, pthread_self())) {
+        spans = find_static_shared_spans();
+        owner = pthread_self();
+        found = true;
+    }
     return spans;
 }
 
@@ -424,7 +439,7 @@ int emu_launch(const char* name, const unsigned int* grid, const unsigned int* b
     sigaction(SIGSEGV, &action, &old_segv);
     sigaction(SIGBUS, &action, &old_bus);
     int rc = 0;
-    const std::vector<Span> static_shared = static_shared_spans();
+    const std::vector<Span>& static_shared = static_shared_spans();
     if (sigsetjmp(segv_jump, 1) == 0) {
         const unsigned num_blocks = grid[0] * grid[1] * grid[2];
         for (unsigned j = 0; j < num_blocks && !rc; j++) {
