@@ -289,8 +289,7 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
         }
         cp_async_commit();
     };
-    copy_tile_async(Ks, q + C + (size_t)k0 * stride, stride, T_ - k0);
-    copy_tile_async(Vs, q + 2 * C + (size_t)k0 * stride, stride, T_ - k0);
+    copy_keys_values_async(Ks, Vs, 0, q + C, q + 2 * C, k0, stride, T_);   // the block's keys: one buffer
     copy_queries(k0, 0);
     const int key[2] = {k0 + warp * FA_ROWS + g, k0 + warp * FA_ROWS + g + 8};
     Acc dk, dv;
