@@ -39,7 +39,6 @@ def assert_close(actual, expected, *, atol=0.0, rtol=0.0, name=""):
     raise AssertionError("\n".join(lines))
 
 
-
 def assert_matches_torch(torch_op, inputs: dict, dout: np.ndarray, got: dict, *, atol: float, rtol: float):
     """PyTorch as the oracle of a forward/backward pair: torch_op(*tensors) on `inputs` (name -> array,
     in torch_op's order), backpropagated from dout, must match got["out"] and got["d" + name]."""
@@ -50,6 +49,7 @@ def assert_matches_torch(torch_op, inputs: dict, dout: np.ndarray, got: dict, *,
     assert_close(got["out"], out.detach().numpy(), atol=atol, rtol=rtol, name="out")
     for name, leaf in leaves.items():
         assert_close(got["d" + name], leaf.grad.numpy(), atol=atol, rtol=rtol, name="d" + name)
+
 
 def numerical_grad(f, x, eps=1e-6):
     """Central-difference gradient of the scalar f() with respect to the float64 array x.

@@ -314,15 +314,13 @@ def test_gpu_matches_reference(backend, case, size, dtype_name):
 
 # GPT-2 124M's own attention shape, T = 1024 (16 key tiles per row for the fused kernels): about a
 # minute on the emulator for the four, milliseconds on a GPU
-GPT2_ATTENTION = [dict(B=2, T=1024, NH=12, HS=64)]
-GPT2_CASES = [dataclasses.replace(c, sizes=tuple({k: v for k, v in size.items() if k in c.sizes[0]}
-                                                  for size in GPT2_ATTENTION))
+GPT2_ATTENTION = dict(B=2, T=1024, NH=12, HS=64)
+GPT2_CASES = [dataclasses.replace(c, sizes=({k: GPT2_ATTENTION[k] for k in c.sizes[0]},), dtypes=("bfloat16",))
               for c in CASES if c.op.endswith(("attention_forward", "attention_backward"))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,size,dtype_name",
-                         [p for c in GPT2_CASES for p in _params_of(c) if p.values[2] == "bfloat16"])
+@pytest.mark.parametrize("case,size,dtype_name", [p for c in GPT2_CASES for p in _params_of(c)])
 def test_attention_matches_reference_at_gpt2_length(backend, case, size, dtype_name):
     if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
         pytest.skip("needs nvmath-python (cuBLASLt bindings)")
