@@ -11,9 +11,9 @@
 //
 // The scheduler reports, instead of hanging or guessing: threads of a block that wait at different
 // __syncthreads calls (divergent barriers; threads that have exited are not waited for, as on
-// Volta and later), threads that can never meet (a deadlock), a full-mask shuffle after some lanes of the warp have exited, more
-// dynamic shared memory than a Hopper block may have, and argument lists that do not match the
-// kernel's parameters, and misaligned 128-bit loads and stores. Out-of-bounds accesses are caught by
+// Volta and later), threads that can never meet (a deadlock), a full-mask shuffle after some lanes of
+// the warp have exited, more dynamic shared memory than a Hopper block may have, argument lists that
+// do not match the kernel's parameters, and misaligned 128-bit loads and stores. Out-of-bounds accesses are caught by
 // the Python side's guard pages.
 //
 // What it does not model: concurrency between blocks (so it cannot find races between blocks),
