@@ -45,7 +45,6 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;    // set by the scheduler f
 
 namespace emu {
 void check_aligned(const void* p, size_t bytes, const char* what);   // stops the launch if misaligned
-void fail_launch(const std::string& message);                         // stops the launch with a message
 }
 
 // 16 bytes moved as one: every load or store through an int4 lvalue (Packed128's load128/store128 and

@@ -246,8 +246,6 @@ void check_aligned(const void* p, size_t bytes, const char* what) {
     fail(buf + where(fibers[current]));
 }
 
-void fail_launch(const std::string& message) { fail(message + " in " + where(fibers[current])); }
-
 void syncthreads(const char* file, int line) {
     fibers[current].sync_file = file;
     fibers[current].sync_line = line;
