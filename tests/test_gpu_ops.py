@@ -117,7 +117,9 @@ def run_gpu(case: Case, size: dict, dtype_name: str, inputs=None) -> dict:
     return {n: device[n].get() for n in case.outputs}
 
 
-def check_case(case: Case, size: dict, dtype_name: str):
+def check_case(backend: str, case: Case, size: dict, dtype_name: str):
+    if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
+        pytest.skip("needs nvmath-python (cuBLASLt bindings)")
     storage = STORAGE[dtype_name]
     inputs = _inputs(case, size, dtype_name)
     base, kind, rounded = inputs
@@ -307,9 +309,7 @@ def _params():
 
 @pytest.mark.parametrize("case,size,dtype_name", list(_params()))
 def test_gpu_matches_reference(backend, case, size, dtype_name):
-    if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
-        pytest.skip("needs nvmath-python (cuBLASLt bindings)")
-    check_case(case, size, dtype_name)
+    check_case(backend, case, size, dtype_name)
 
 
 # GPT-2 124M's own attention shape, T = 1024 (16 key tiles per row for the fused kernels): about a
@@ -322,9 +322,7 @@ GPT2_CASES = [dataclasses.replace(c, sizes=({k: GPT2_ATTENTION[k] for k in c.siz
 @pytest.mark.slow
 @pytest.mark.parametrize("case,size,dtype_name", [p for c in GPT2_CASES for p in _params_of(c)])
 def test_attention_matches_reference_at_gpt2_length(backend, case, size, dtype_name):
-    if backend == "cuda" and case.cublaslt and importlib.util.find_spec("nvmath") is None:
-        pytest.skip("needs nvmath-python (cuBLASLt bindings)")
-    check_case(case, size, dtype_name)
+    check_case(backend, case, size, dtype_name)
 
 
 @pytest.mark.parametrize("case,size,dtype_name", list(_params()))
