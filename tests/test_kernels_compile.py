@@ -145,7 +145,8 @@ def test_x128_kernels_load_and_store_16_bytes(filename, tmp_path):
     def kind(m):
         return "ld.v4" if m.group(3) else m.group(1) + (".v4" if ".v4" in m.group(2) else "")
     pattern = r"\b(ld|st)\.global((?:\.\w+)*)|\b(cp\.async\.cg\.shared\.global)\s.*,\s*16;"
-    access = {kernel: {kind(m) for m in matches} for kernel, matches in ptx_matches(filename, tmp_path, pattern).items()}
+    found = ptx_matches(filename, tmp_path, pattern)
+    access = {kernel: {kind(m) for m in matches} for kernel, matches in found.items()}
     assert set(access) == {e.split("<")[0] for e in K.NAME_EXPRESSIONS[filename]}
     for kernel, kinds in access.items():
         if kernel in X128_KERNELS:

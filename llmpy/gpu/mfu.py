@@ -71,14 +71,15 @@ DATASHEET_PEAKS = {
 def peak_tflops(device_name: str, dtype: str) -> float:
     """Dense tensor-core TFLOPS of a GPU for dtype 'bf16' (fp32 accumulate) or 'fp32' (counted at the
     TF32 rate, as llm.c's fp32 build does); -1.0 for a GPU or precision the table does not know."""
+    want_bf16 = dtype in ("bf16", "bfloat16")
     if device_name in DATASHEET_PEAKS:
         tf32, bf16 = DATASHEET_PEAKS[device_name]
-        return bf16 if dtype in ("bf16", "bfloat16") else tf32
+        return bf16 if want_bf16 else tf32
     if device_name not in GPU_SPECS:
         return -1.0
     arch, cores, mhz = GPU_SPECS[device_name]
     tf32, bf16, base_mhz, base_cores = ARCH_PEAKS[arch]
-    base = bf16 if dtype in ("bf16", "bfloat16") else tf32
+    base = bf16 if want_bf16 else tf32
     if base is None:
         return -1.0
     return base * (cores / base_cores) * (mhz / base_mhz)
