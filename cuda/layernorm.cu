@@ -78,20 +78,11 @@ template <class T>
 __global__ void fused_residual_forward_kernel(T* residual, T* normed, float* mean, float* rstd,
                                               const T* inp1, const T* inp2, const T* weight,
                                               const T* bias, int N, int C) {
-    using x128 = Packed128<T>;
-    constexpr int S = x128::size;
     const int lane = threadIdx.x % WARP_SIZE;
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     if (row >= N) return;
     const size_t offset = (size_t)row * C;
-    // Each lane writes exactly the chunks it later reads back in layernorm_row: no sync needed.
-    for (int c = lane * S; c < C; c += WARP_SIZE * S) {
-        const x128 a = load128cs(inp1 + offset + c);
-        const x128 b = load128cs(inp2 + offset + c);
-        x128 r;
-        for (int k = 0; k < S; k++) r[k] = from_float<T>(to_float(a[k]) + to_float(b[k]));
-        store128(residual + offset + c, r);
-    }
+    residual_row(residual + offset, inp1 + offset, inp2 + offset, C, lane);
     float m, s;
     layernorm_row(normed + offset, residual + offset, weight, bias, C, lane, m, s);
     if (lane == 0) {

@@ -134,7 +134,9 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
                 "gelu_forward_kernel", "gelu_backward_kernel", "residual_forward_kernel",
                 "softmax_forward128_kernel", "softmax_backward128_kernel", "fused_classifier_kernel",
                 "bias_backward_kernel", "flash_attention_forward_kernel",
-                "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"}
+                "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel",
+                "rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
+                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -348,6 +350,38 @@ def test_elementwise_launchers(launches, dtype):
         residual.residual_forward(fake((37, 3), dtype), x, y)
     with pytest.raises(ValueError, match="^inp: data pointer"):
         gelu.gelu_forward(y, fake((3, 37), dtype, offset_bytes=2))
+
+
+def test_nanochat_launchers(launches):
+    from llmpy.gpu import relu2, rmsnorm, rope
+    B, T, H, D = 2, 5, 3, 64
+    q, rstd = fake((B, T, H, D), BF16), fake((B, T, H))
+    rmsnorm.rmsnorm_forward(q, rstd, q)                            # QK-norm, in place: 30 rows of D
+    assert launches[-1]["grid"] == (4,) and launches[-1]["args"][-2:] == (30, 64)
+    rmsnorm.rmsnorm_backward(q, q, q, rstd, accumulate=False)
+    assert launches[-1]["name"] == "rmsnorm_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == 0
+    rmsnorm.fused_residual_rmsnorm_forward(q, q, rstd, q, q)
+    with pytest.raises(ValueError, match=r"^rstd: shape \(2, 5\)"):
+        rmsnorm.rmsnorm_forward(q, fake((B, T)), q)
+    with pytest.raises(ValueError, match="^C = 36 must be a multiple of 8"):
+        rmsnorm.rmsnorm_forward(fake((2, 36), BF16), fake((2,)), fake((2, 36), BF16))
+
+    cos, sin = fake((8, D // 2)), fake((8, D // 2))
+    rope.rope_forward(q, q, cos, sin)
+    call = launches[-1]
+    assert call["grid"] == (1,) and call["args"][4] == np.float32(1.0) and call["args"][-4:] == (30, T, H, D)
+    rope.rope_backward(q, q, cos, sin, block_size=32)
+    assert launches[-1]["grid"] == (K.ceil_div(30 * 4, 32),) and launches[-1]["args"][4] == np.float32(-1.0)
+    with pytest.raises(ValueError, match="^D = 24 must be a multiple of 16"):
+        rope.rope_forward(fake((B, T, H, 24), BF16), fake((B, T, H, 24), BF16), fake((8, 12)), fake((8, 12)))
+    with pytest.raises(ValueError, match="^sin: 4 positions, the input has T = 5"):
+        rope.rope_forward(q, q, cos, fake((4, D // 2)))
+    with pytest.raises(ValueError, match=r"^cos: dtype bfloat16"):
+        rope.rope_forward(q, q, fake((8, D // 2), BF16), sin)
+
+    relu2.relu2_forward(q, q)
+    relu2.relu2_backward(q, q, q)
+    assert launches[-1]["name"] == "relu2_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == q.size
 
 
 def test_encoder_launchers(launches, monkeypatch):

@@ -13,6 +13,9 @@ from llmpy.gpu.flash_attention import flash_attention_backward, flash_attention_
 from llmpy.gpu.gelu import gelu_backward, gelu_forward  # noqa: F401
 from llmpy.gpu.layernorm import fused_residual_forward, layernorm_backward, layernorm_forward  # noqa: F401
 from llmpy.gpu.matmul import matmul_backward, matmul_forward  # noqa: F401
+from llmpy.gpu.relu2 import relu2_backward, relu2_forward  # noqa: F401
 from llmpy.gpu.residual import residual_forward  # noqa: F401
+from llmpy.gpu.rmsnorm import fused_residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward  # noqa: F401
+from llmpy.gpu.rope import rope_backward, rope_forward  # noqa: F401
 
 NAME = "gpu"
