@@ -10,6 +10,8 @@ marker). Sizes are small: the emulator runs on a couple of shared CPU cores.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,21 @@ def _relu2_backward(dinp, inp, dout):
     dinp[...] = 2 * np.maximum(inp, 0) * dout
 
 
+def _with_softcap(fused_classifier):
+    """fused_classifier with nanochat's softcap, from GPT-2's: cap the logits, then chain the gradient."""
+    def capped(dlogits, losses, logits, targets, dloss, V, softcap=0.0):
+        if not softcap:
+            return fused_classifier(dlogits, losses, logits, targets, dloss, V)
+        t = np.tanh(logits[..., :V] / softcap)
+        z = np.zeros_like(logits)
+        z[..., :V] = softcap * t
+        fused_classifier(dlogits if dlogits is None else z, losses, z, targets, dloss, V)
+        if dlogits is not None:
+            dlogits[...] = z
+            dlogits[..., :V] *= 1 - t * t
+    return capped
+
+
 LOCAL_REFERENCES = {"rmsnorm_forward": _rmsnorm_forward, "rmsnorm_backward": _rmsnorm_backward,
                     "fused_residual_rmsnorm_forward": _fused_residual_rmsnorm_forward,
                     "rope_forward": _rotate, "rope_backward": _rope_backward,
@@ -70,6 +87,8 @@ def _references(monkeypatch):
     for name, fn in LOCAL_REFERENCES.items():
         if not hasattr(llmpy.cpu, name):
             monkeypatch.setattr(llmpy.cpu, name, fn, raising=False)
+    if "softcap" not in inspect.signature(llmpy.cpu.fused_classifier).parameters:
+        monkeypatch.setattr(llmpy.cpu, "fused_classifier", _with_softcap(llmpy.cpu.fused_classifier))
 
 
 def rope_tables(maxT, D, base=10000.0):
@@ -101,6 +120,13 @@ def make_elementwise(rng, shape):
             "dout": _normal(rng, *shape), "dinp": _normal(rng, *shape)}
 
 
+def make_classifier(rng, B, T, V, Vp, scale):
+    logits = _normal(rng, B, T, Vp, scale=scale)
+    logits[..., V:] = 0.0                              # padded wte / lm_head rows are 0
+    return {"logits": logits, "losses": rng.random((B, T)),
+            "targets": rng.integers(0, V, size=(B, T)).astype(np.int32)}
+
+
 RMS_SIZES = (dict(N=64, C=768), dict(N=21, C=40), dict(N=48, C=64))     # last: QK-norm rows, D = 64
 ROPE_SIZES = (dict(B=2, T=16, H=3, D=64, maxT=32), dict(B=1, T=5, H=2, D=16, maxT=5))
 EW_SIZES = (dict(shape=(4, 16, 3072)), dict(shape=(37,)), dict(shape=(3, 5, 7)))
@@ -127,6 +153,16 @@ CASES = [
     Case("relu2_backward", ("dinp", "inp", "dout"), ("dinp",), make_elementwise, EW_SIZES, floor_ulps=8),
     Case("relu2_backward", ("dout", "inp", "dout"), ("dout",), make_elementwise, EW_SIZES[1:],   # in place
          floor_ulps=8),
+    # softcap 15 (nanochat): logits ~N(0, 2) mostly in tanh's linear part, ~N(0, 30) mostly saturated
+    Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 16, 50257), ("logits", "losses"),
+         make_classifier, (dict(B=2, T=8, V=50257, Vp=50304, scale=2.0),), kwargs=dict(softcap=15.0),
+         fp32=("losses",), floor_ulps=32),
+    Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 15, 1000), ("logits", "losses"),
+         make_classifier, (dict(B=3, T=5, V=1000, Vp=1024, scale=30.0), dict(B=3, T=5, V=997, Vp=1000, scale=2.0)),
+         kwargs=dict(softcap=15.0), fp32=("losses",), floor_ulps=32),
+    Case("fused_classifier", (None, "losses", "logits", "targets", 1.0, 997), ("losses",),   # losses only
+         make_classifier, (dict(B=3, T=5, V=997, Vp=1000, scale=30.0),), kwargs=dict(softcap=15.0),
+         fp32=("losses",), floor_ulps=32),
 ]
 
 

@@ -552,7 +552,12 @@ def test_classifier_launcher(launches):
     classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57)
     call = launches[-1]
     assert call["grid"] == (6,) and call["block"] == (1024,)
-    assert call["args"][4].dtype == np.float32 and call["args"][-3:] == (6, 57, 64)
+    assert call["args"][4].dtype == np.float32 and call["args"][-4:] == (6, 57, 64, 0.0)
+    assert call["args"][-1].dtype == np.float32                         # softcap, off
+    classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57, softcap=15)
+    assert launches[-1]["args"][-1] == np.float32(15.0) and launches[-1]["args"][-1].dtype == np.float32
+    with pytest.raises(ValueError, match="softcap = -1"):
+        classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57, softcap=-1)
     classifier.fused_classifier(None, losses, logits, targets, 1.0, 64)
     assert launches[-1]["args"][0] is K.NULL
     with pytest.raises(ValueError, match="V = 65"):
