@@ -192,3 +192,111 @@ def test_rope_backward_inverts_forward(backend):
     rope.rope_backward(back, y, cos, sin)
     np.testing.assert_allclose(back.get(), x, atol=1e-5)
     assert STORAGE["float32"] == np.float32
+
+
+# -------------------------------------------------------------------------------------------------
+# Muon: Newton-Schulz in bf16 through batched GEMMs. The budget's low-precision run is the same
+# iteration in NumPy with every product rounded to bf16 (what the GPU does, up to summation order);
+# the reference is the iteration in float64.
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def _bf16(x):
+    return x.astype(STORAGE["bfloat16"]).astype(np.float32)
+
+
+def newton_schulz_reference(g, steps=5, rnd=None):
+    """nanochat's zeropower_via_newtonschulz5 on each (rows, cols) matrix of g: the wide orientation
+    (transposed when rows > cols), X / (||X||_F + 1e-7), then X = a X + (b A + c A A) X, A = X X^T.
+    rnd rounds each result (None: float64 throughout)."""
+    rnd = rnd or (lambda v: v)
+    a, b, c = NS_COEFFS
+    x = rnd(g if rnd is None else g.astype(np.float32))
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.swapaxes(-1, -2)
+    x = rnd(x / (np.sqrt((x * x).sum((-2, -1), keepdims=True)) + 1e-7))
+    for _ in range(steps):
+        A = rnd(x @ x.swapaxes(-1, -2))
+        B = rnd(b * A + c * (A @ A))
+        x = rnd(a * x + B @ x)
+    return x.swapaxes(-1, -2) if tall else x
+
+
+def muon_reference(param, buf, grad, *, lr, momentum, weight_decay, rnd=None):
+    """(new param, new momentum buffer) of one Nesterov Muon step (float64 unless rnd rounds NS)."""
+    buf = momentum * buf + (1 - momentum) * grad
+    u = (1 - momentum) * grad + momentum * buf
+    x = newton_schulz_reference(u, rnd=rnd)
+    scale = max(1.0, param.shape[-2] / param.shape[-1]) ** 0.5
+    return param - lr * (scale * x + weight_decay * param), buf
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 80), (2, 96, 32), (64, 64)], ids=["wide", "tall", "square"])
+def test_newton_schulz_matches_reference(backend, shape):
+    import cupy as cp
+    from llmpy.gpu import muon
+    from llmpy.testing import error_budget
+    g = np.random.default_rng(11).standard_normal(shape)
+    x0 = _bf16(g / np.sqrt((g * g).sum((-2, -1), keepdims=True)))        # what muon_update hands it
+    x = cp.asarray(x0.astype(STORAGE["bfloat16"]))
+    muon.newton_schulz(x)
+    got = x.get().astype(np.float64)
+    exact = newton_schulz_reference(x0.astype(np.float64))
+    lowp = newton_schulz_reference(x0, rnd=_bf16)
+    error_budget(got, exact, lowp, k=2.0, floor=1e-3, name="newton_schulz")
+    # what the iteration is for: singular values pulled from ~0 towards 1 (the quintic's band)
+    sv = np.linalg.svd(exact, compute_uv=False)
+    assert sv.min() > 0.3 and sv.max() < 1.3
+    sv_got = np.linalg.svd(got, compute_uv=False)
+    assert sv_got.min() > 0.3 and sv_got.max() < 1.3
+
+
+@pytest.mark.parametrize("dtype_name", list(STORAGE))
+@pytest.mark.parametrize("shape", [(2, 40, 64), (72, 24)], ids=["wide", "tall"])
+def test_muon_update_matches_reference(backend, dtype_name, shape):
+    import cupy as cp
+    from llmpy.gpu import muon
+    from llmpy.testing import error_budget
+    rng = np.random.default_rng(12)
+    dtype = STORAGE[dtype_name]
+    param = _bf16(rng.standard_normal(shape) * 0.05).astype(np.float64)
+    buf = rng.standard_normal(shape) * 1e-3
+    grad = _bf16(rng.standard_normal(shape) * 1e-3).astype(np.float64)
+    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+    exact_p, exact_buf = muon_reference(param, buf, grad, **kw)
+    lowp_p, _ = muon_reference(param.astype(np.float32), buf.astype(np.float32), grad.astype(np.float32),
+                               rnd=_bf16, **kw)
+    d_param, d_grad = cp.asarray(param.astype(dtype)), cp.asarray(grad.astype(dtype))
+    d_buf = cp.asarray(buf.astype(np.float32))
+    master = cp.asarray(param.astype(np.float32)) if dtype_name == "bfloat16" else None
+    muon.muon_update(d_param, d_buf, d_grad, master=master, seed=5, **kw)
+    np.testing.assert_allclose(d_buf.get(), exact_buf, rtol=1e-5, atol=1e-9)
+    new = (master if master is not None else d_param).get().astype(np.float64)
+    # the step is lr * X with X ~ 1/sqrt(min(rows, cols)) per element: floor 1e-3 of it
+    error_budget(new - param, exact_p - param, lowp_p - param, k=2.0, floor=1e-3 * kw["lr"], name="muon step")
+    if master is not None:       # bf16 params: master rounded stochastically, within one bf16 ulp
+        p16 = d_param.get().astype(np.float64)
+        assert np.all(np.abs(p16 - new) <= np.abs(new) * 2.0 ** -7)
+
+
+def test_muon_update_graph_scalars(backend):
+    """lr, grad_scale and the seed read from device memory give the by-value launch's bits."""
+    import cupy as cp
+    from llmpy.gpu import muon
+    rng = np.random.default_rng(13)
+    shape = (2, 16, 32)
+    base = {"param": rng.standard_normal(shape) * 0.05, "buf": rng.standard_normal(shape) * 1e-3,
+            "grad": rng.standard_normal(shape) * 1e-3}
+
+    def run(**kw):
+        d = {k: cp.asarray(v.astype(STORAGE["bfloat16"] if k != "buf" else np.float32)) for k, v in base.items()}
+        master = cp.asarray(base["param"].astype(np.float32))
+        muon.muon_update(d["param"], d["buf"], d["grad"], master=master, **kw)
+        return [a.get().tobytes() for a in (d["param"], d["buf"], master)]
+
+    by_value = run(lr=0.02, grad_scale=0.5, seed=9)
+    on_device = run(lr=1.0, grad_scale=1.0, seed=0, scalars=cp.asarray(np.array([0.02, 0.5], np.float32)),
+                    seed_ptr=cp.asarray(np.array([9], np.uint32)))
+    assert by_value == on_device

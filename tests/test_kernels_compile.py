@@ -14,6 +14,7 @@
 Skipped only when CuPy or NVRTC cannot be imported.
 """
 import itertools
+import math
 import shutil
 import subprocess
 
@@ -136,7 +137,7 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
                 "bias_backward_kernel", "flash_attention_forward_kernel",
                 "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel",
                 "rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
-                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel"}
+                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -382,6 +383,44 @@ def test_nanochat_launchers(launches):
     relu2.relu2_forward(q, q)
     relu2.relu2_backward(q, q, q)
     assert launches[-1]["name"] == "relu2_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == q.size
+
+
+def test_muon_launchers(launches, monkeypatch):
+    import llmpy.gpu.matmul
+    from llmpy.gpu import muon
+    products = []
+    monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul",
+                        lambda out, a, b, **kw: products.append((out.shape, a.shape, b.shape, kw)))
+    L, rows, cols = 3, 40, 96
+    param, grad, buf = fake((L, rows, cols), BF16), fake((L, rows, cols), BF16), fake((L, rows, cols))
+    need = muon.workspace_size(param.shape)
+    assert need == L * rows * cols + 2 * L * rows * rows + L * rows * cols
+    assert muon.scratch_size(param.shape) == L * 15                     # 3840 elements / 256 per block
+    muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((need,), BF16), scratch=fake((L * 15,)))
+    names = [c["name"] for c in launches]
+    assert names[:2] == ["muon_momentum_kernel<__nv_bfloat16>", "muon_normalize_kernel"]
+    assert names[2:-1] == ["muon_copy_kernel"] * 10 and names[-1] == "muon_apply_kernel<__nv_bfloat16>"
+    assert launches[0]["grid"] == (15, L) and launches[-1]["grid"] == (K.ceil_div(rows * cols, 512), L)
+    assert launches[-1]["args"][5] == np.float32(1.0)                    # wide: step scale 1
+    a, b, c = muon.NS_COEFFS
+    assert len(products) == 15 and products[:3] == [
+        ((L, rows, rows), (L, rows, cols), (L, rows, cols), dict(transa=False, transb=True)),
+        ((L, rows, rows), (L, rows, rows), (L, rows, rows), dict(transa=False, transb=False, alpha=c, beta=b)),
+        ((L, rows, cols), (L, rows, rows), (L, rows, cols), dict(transa=False, transb=False, alpha=1.0, beta=a))]
+    launches.clear()
+    products.clear()
+    tall = fake((cols, rows), np.float32)                                # tall: Gram matrix X^T X
+    muon.muon_update(tall, fake((cols, rows)), tall, lr=0.02, workspace=fake((muon.workspace_size(tall.shape),), BF16),
+                     scratch=fake((muon.scratch_size(tall.shape),)))
+    assert products[0] == ((1, rows, rows), (1, cols, rows), (1, cols, rows), dict(transa=True, transb=False))
+    assert products[2][1:3] == ((1, cols, rows), (1, rows, rows))      # X B
+    assert launches[-1]["args"][5] == np.float32(math.sqrt(cols / rows))
+    with pytest.raises(ValueError, match="^workspace: 8 bfloat16 elements, need"):
+        muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((8,), BF16))
+    with pytest.raises(ValueError, match="^momentum_buffer: dtype bfloat16"):
+        muon.muon_update(param, grad, grad, lr=0.02)
+    with pytest.raises(ValueError, match=r"^param: shape \(7,\), expected \(..., rows, cols\)"):
+        muon.muon_update(fake((7,)), fake((7,)), fake((7,)), lr=0.02)
 
 
 def test_encoder_launchers(launches, monkeypatch):

@@ -61,6 +61,8 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
                               "rmsnorm_backward_kernel"),
     "rope.cu": _each_dtype("rope_kernel"),
     "relu2.cu": _each_dtype("relu2_forward_kernel", "relu2_backward_kernel"),
+    "muon.cu": _each_dtype("muon_momentum_kernel", "muon_apply_kernel") + ("muon_normalize_kernel",
+                                                                           "muon_copy_kernel"),
     "residual.cu": _each_dtype("residual_forward_kernel"),
     "attention.cu": _each_dtype("permute_kernel", "unpermute_kernel", "softmax_forward_kernel",
                                 "softmax_backward_kernel", "softmax_forward128_kernel",

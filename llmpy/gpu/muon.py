@@ -1,0 +1,162 @@
+"""Muon on the GPU (nanochat's optimizer for the block matrices): launchers for cuda/muon.cu and the
+Newton-Schulz iteration as batched bf16 cuBLASLt GEMMs (llmpy/gpu/matmul.py). Reference:
+llmpy/cpu/muon.py.
+
+One call updates a batch of same-shape matrices, param (..., rows, cols) (e.g. one weight of every
+layer, stacked): momentum (Nesterov), orthogonalisation, step scaled by max(1, rows / cols)^0.5.
+
+Newton-Schulz (5 iterations, quintic coefficients a, b, c = 3.4445, -4.7750, 2.0315), on X normalised
+to unit Frobenius norm. For a wide X (rows <= cols), with A the rows x rows Gram matrix,
+    A = X X^T;  B = b A + c A A;  X = a X + B X
+and for a tall one, instead of transposing X, the cols x cols Gram matrix on the other side:
+    A = X^T X;  B = b A + c A A;  X = a X + X B
+(the same iteration on X^T, since B is symmetric). Each line is one GEMM; the b A and a X terms are
+its beta term, so A and X are first copied into the output buffer (muon_copy_kernel). All in bf16
+with fp32 accumulation, each product rounded once to bf16.
+"""
+from __future__ import annotations
+
+import math
+
+import cupy as cp
+import numpy as np
+
+from llmpy.gpu import _kernels as K
+from llmpy.gpu import matmul
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+BLOCK_SIZE = 256
+NORM_BLOCKS = 32        # blocks per matrix of the momentum kernel: the norm's partial sums (fixed, so
+                        # the summation order, and the bits, do not depend on the GPU)
+APPLY_BLOCK_SIZE = 512  # part of the stochastic-rounding geometry, as AdamW's
+
+
+def _matrices(name, a):
+    if a.ndim < 2:
+        raise ValueError(f"{name}: shape {a.shape}, expected (..., rows, cols)")
+    rows, cols = a.shape[-2:]
+    return int(np.prod(a.shape[:-2], dtype=np.int64)), rows, cols
+
+
+def norm_blocks(n: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks per matrix of n elements in the momentum kernel (partial sums of the norm)."""
+    return max(1, min(NORM_BLOCKS, K.ceil_div(n, block_size)))
+
+
+def _padded(n: int) -> int:
+    """n rounded up to 8 bf16 elements: every buffer carved from a workspace starts 16-byte aligned."""
+    return K.ceil_div(n, 8) * 8
+
+
+def ns_workspace_size(shape) -> int:
+    """bf16 elements newton_schulz needs in `workspace` for x of `shape` (..., rows, cols): two
+    Gram-sized matrices (A, B) and a copy of X, for every matrix of the batch."""
+    batch = int(np.prod(shape[:-2], dtype=np.int64))
+    rows, cols = shape[-2:]
+    k = min(rows, cols)
+    return 2 * _padded(batch * k * k) + _padded(batch * rows * cols)
+
+
+def workspace_size(shape) -> int:
+    """bf16 elements muon_update needs in `workspace`: X itself, then newton_schulz's."""
+    return _padded(int(np.prod(shape, dtype=np.int64))) + ns_workspace_size(shape)
+
+
+def scratch_size(shape) -> int:
+    """float32 elements muon_update needs in `scratch` (the norm's partial sums)."""
+    batch = int(np.prod(shape[:-2], dtype=np.int64))
+    return batch * norm_blocks(shape[-2] * shape[-1])
+
+
+def _buffer(name, given, need, dtype):
+    """A flat device buffer of >= need elements of dtype: `given`, checked, or a fresh one."""
+    if given is None:
+        return cp.empty(need, dtype=dtype)
+    K.check(name, given, dtype=dtype, aligned=True)
+    if given.size < need:
+        raise ValueError(f"{name}: {given.size} {np.dtype(dtype).name} elements, need {need}")
+    return given
+
+
+def _copy(dst, src):
+    n = src.size
+    K.launch("muon.cu", "muon_copy_kernel", K.elementwise_grid(n, K.BF16, BLOCK_SIZE), (BLOCK_SIZE,),
+             (dst, src, K.i32(n)))
+
+
+def newton_schulz(x, *, steps=NS_STEPS, coeffs=NS_COEFFS, workspace=None):
+    """Orthogonalise x in place: `steps` quintic Newton-Schulz iterations on each (rows, cols) matrix.
+
+    x: bf16 (..., rows, cols), already scaled to Frobenius norm <= 1 (muon_update does that).
+    workspace: bf16 device array of >= ns_workspace_size(x.shape) elements (contents overwritten);
+    allocated when None (pass one from the arena inside a captured CUDA graph).
+    """
+    K.check("x", x, dtype=K.BF16, aligned=True)
+    batch, rows, cols = _matrices("x", x)
+    workspace = _buffer("workspace", workspace, ns_workspace_size(x.shape), K.BF16)
+    a, b, c = coeffs
+    k = min(rows, cols)
+    X = x.reshape(batch, rows, cols)
+    gram = _padded(batch * k * k)
+    A = workspace[:batch * k * k].reshape(batch, k, k)
+    B = workspace[gram:gram + batch * k * k].reshape(batch, k, k)
+    Y = workspace[2 * gram:2 * gram + x.size].reshape(batch, rows, cols)
+    wide = rows <= cols
+    for _ in range(steps):
+        matmul.batched_matmul(A, X, X, transa=not wide, transb=wide)          # X X^T or X^T X
+        _copy(B, A)
+        matmul.batched_matmul(B, A, A, transa=False, transb=False, alpha=c, beta=b)
+        _copy(Y, X)
+        if wide:
+            matmul.batched_matmul(X, B, Y, transa=False, transb=False, alpha=1.0, beta=a)
+        else:
+            matmul.batched_matmul(X, Y, B, transa=False, transb=False, alpha=1.0, beta=a)
+
+
+def step_scale(rows: int, cols: int) -> float:
+    """Muon's shape factor of the step: max(1, rows / cols)^0.5."""
+    return math.sqrt(max(1.0, rows / cols))
+
+
+def muon_update(param, momentum_buffer, grad, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0,
+                ns_steps=NS_STEPS, grad_scale=1.0, master=None, seed=0, scalars=None, seed_ptr=None,
+                workspace=None, scratch=None):
+    """One Muon step on a batch of same-shape matrices, in place.
+
+    param, grad (..., rows, cols) float32 or bf16; momentum_buffer (and master) float32, param's shape.
+    g = grad_scale * grad; momentum_buffer = momentum * buf + (1 - momentum) g (overwritten);
+    u = (1 - momentum) g + momentum * buf with nesterov, else buf; X = NS(u / ||u||_F) per matrix (bf16);
+    param -= lr * (max(1, rows/cols)^0.5 X + weight_decay * param), from master when given (and written
+    back there), rounded stochastically into bf16 params (seed, as AdamW).
+    scalars (device float32 [lr, grad_scale]) and seed_ptr (device uint32 [seed]) replace lr,
+    grad_scale and seed at run time (CUDA-graph replay). workspace: bf16, >= workspace_size(shape);
+    scratch: float32, >= scratch_size(shape); both allocated when None (pass arena buffers in a graph).
+    """
+    dtype = K.check_floats(param=param, grad=grad, aligned=False)
+    K.check_same_shape(param=param, grad=grad)
+    batch, rows, cols = _matrices("param", param)
+    K.check("momentum_buffer", momentum_buffer, dtype=np.float32, shape=param.shape)
+    if master is not None:
+        K.check("master", master, dtype=np.float32, shape=param.shape)
+    if scalars is not None:
+        K.check("scalars", scalars, dtype=np.float32, shape=(2,))
+    if seed_ptr is not None:
+        K.check("seed_ptr", seed_ptr, dtype=np.uint32, shape=(1,))
+    n = rows * cols
+    if batch == 0 or n == 0:
+        return
+    workspace = _buffer("workspace", workspace, workspace_size(param.shape), K.BF16)
+    blocks = norm_blocks(n)
+    scratch = _buffer("scratch", scratch, batch * blocks, np.float32)
+
+    x = workspace[:batch * n].reshape(batch, rows, cols)
+    ns_workspace = workspace[_padded(batch * n):]
+    K.launch("muon.cu", K.template_name("muon_momentum_kernel", dtype), (blocks, batch), (BLOCK_SIZE,),
+             (x, scratch, momentum_buffer, grad, K.i32(n), K.f32(momentum), K.i32(1 if nesterov else 0),
+              K.f32(grad_scale), K.nullable(scalars)))
+    K.launch("muon.cu", "muon_normalize_kernel", (blocks, batch), (BLOCK_SIZE,), (x, scratch, K.i32(blocks), K.i32(n)))
+    newton_schulz(x, steps=ns_steps, workspace=ns_workspace)
+    K.launch("muon.cu", K.template_name("muon_apply_kernel", dtype), (K.ceil_div(n, APPLY_BLOCK_SIZE), batch),
+             (APPLY_BLOCK_SIZE,), (param, K.nullable(master), x, K.i32(n), K.f32(lr), K.f32(step_scale(rows, cols)),
+                                   K.f32(weight_decay), K.u32(seed), K.nullable(scalars), K.nullable(seed_ptr)))
