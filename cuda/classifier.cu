@@ -6,6 +6,7 @@
 //   dlogits may be logits itself (in place, as llm.c does) or nullptr (loss only).
 //   softcap > 0 (nanochat): x_j is replaced by z_j = softcap * tanh(x_j / softcap) everywhere above,
 //       and dlogits[r,j] is multiplied by dz_j/dx_j = 1 - tanh^2; softcap = 0 leaves GPT-2's kernel.
+//   softcap_forward_kernel<T>: out = softcap * tanh(inp / softcap) alone, elementwise
 // Thread mapping: one block per row (rows walked last to first, so the first blocks find the rows
 // the preceding matmul wrote last still in L2); threads stride over the row in 16-byte chunks.
 // Pass 1: per-thread online max/sum, block max, rescale, block sum. Thread 0 adds the loss. Pass 2
@@ -85,4 +86,13 @@ fused_classifier_kernel(T* dlogits, float* losses, const T* logits, const int* t
             }
         }
     }
+}
+
+// out = softcap * tanh(inp / softcap), elementwise (logits that are read, not trained on: sampling and
+// evaluation). One thread per 16-byte chunk, as gelu.cu; out may be inp.
+template <class T>
+__global__ void softcap_forward_kernel(T* out, const T* inp, int n, float softcap) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * Packed128<T>::size;
+    if (i >= (size_t)n) return;
+    map_chunk(out, inp, i, n, [softcap](float x) { return softcap_value(x, softcap, nullptr); });
 }

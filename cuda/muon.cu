@@ -4,14 +4,14 @@
 // of every layer), matrix z at offset z * n in every buffer; grid (blocks per matrix, batch).
 //   muon_momentum_kernel<T>:  g = grad_scale * grad;  buf = m buf + (1 - m) g  (fp32, overwritten);
 //                             u = nesterov ? (1 - m) g + m buf : buf;  x = bf16(u);
-//                             partials[z * gridDim.x + block] = sum of x^2 over the block's elements
+//                             partials[z * gridDim.x + block] = sum of x^2 over the block's elements.
+//                             buf = nullptr: u = g (Newton-Schulz of a given matrix, no momentum)
 //   muon_normalize_kernel:    x *= 1 / (||x||_F + 1e-7), the norm summed from the matrix's partials in
 //                             block order (deterministic), as Newton-Schulz's first step
 //   muon_copy_kernel:         dst = src (bf16): C of a GEMM whose beta term needs a second operand
-//   muon_apply_kernel<T>:     p_old = master ? master : param;
-//                             p = p_old - lr (scale x + weight_decay p_old), scale = max(1, rows/cols)^0.5
-//                             (folded into lr_scale by the launcher); param = stochastic_round(p) with
-//                             adamw.cu's hash and geometry, master = p (if given)
+//   muon_apply_kernel<T>:     p = (master ? master : param) - lr scale x, scale = max(1, rows/cols)^0.5;
+//                             param = stochastic_round(p) with adamw.cu's hash and geometry, master = p
+//                             (if given). No weight decay: nanochat's Muon has none.
 // Step-dependent scalars for CUDA-graph replay: scalars (nullptr or device float[2] = [lr, grad_scale])
 // replaces the by-value lr and grad_scale, seed_ptr (nullptr or device uint32[1]) the seed, as AdamW's.
 // Thread mapping: element-per-thread, grid-strided within a matrix. Memory bound.
@@ -19,6 +19,7 @@
 
 constexpr float NS_NORM_EPS = 1e-7f;
 
+// No __restrict__: x may alias grad (newton_schulz in place on a bf16 array).
 template <class T>
 __global__ void muon_momentum_kernel(__nv_bfloat16* x, float* partials, float* buf, const T* grad,
                                      int n, float momentum, int nesterov, float grad_scale,
@@ -29,11 +30,15 @@ __global__ void muon_momentum_kernel(__nv_bfloat16* x, float* partials, float* b
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const size_t j = base + i;
         const float g = grad_scale * to_float(grad[j]);
-        const float b = fmaf(momentum, buf[j] - g, g);        // lerp(g, buf, m) = m buf + (1 - m) g
-        buf[j] = b;
-        const __nv_bfloat16 u = __float2bfloat16_rn(nesterov ? fmaf(momentum, b - g, g) : b);
-        x[j] = u;
-        const float uf = __bfloat162float(u);                  // the norm of what Newton-Schulz gets
+        float u = g;
+        if (buf != nullptr) {
+            const float b = fmaf(momentum, buf[j] - g, g);    // lerp(g, buf, m) = m buf + (1 - m) g
+            buf[j] = b;
+            u = nesterov ? fmaf(momentum, b - g, g) : b;
+        }
+        const __nv_bfloat16 x_j = __float2bfloat16_rn(u);
+        x[j] = x_j;                                            // x may be grad itself (bf16, no momentum)
+        const float uf = __bfloat162float(x_j);                // the norm of what Newton-Schulz gets
         acc += uf * uf;
     }
     const float total = block_sum(acc);
@@ -65,7 +70,7 @@ __global__ void muon_copy_kernel(__nv_bfloat16* dst, const __nv_bfloat16* src, i
 
 template <class T>
 __global__ void muon_apply_kernel(T* params, float* master, const __nv_bfloat16* x, int n, float lr,
-                                  float scale, float weight_decay, unsigned int seed, const float* scalars,
+                                  float scale, unsigned int seed, const float* scalars,
                                   const unsigned int* seed_ptr) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -73,7 +78,7 @@ __global__ void muon_apply_kernel(T* params, float* master, const __nv_bfloat16*
     if (seed_ptr != nullptr) seed = *seed_ptr;
     const size_t j = (size_t)blockIdx.y * n + i;
     const float p_old = master != nullptr ? master[j] : to_float(params[j]);
-    const float p_new = p_old - lr * (scale * __bfloat162float(x[j]) + weight_decay * p_old);
+    const float p_new = p_old - lr * scale * __bfloat162float(x[j]);
     stochastic_rounding(p_new, params + j, seed);
     if (master != nullptr) master[j] = p_new;
 }

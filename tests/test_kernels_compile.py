@@ -137,7 +137,8 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
                 "bias_backward_kernel", "flash_attention_forward_kernel",
                 "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel",
                 "rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
-                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel"}
+                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel",
+                "softcap_forward_kernel"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -416,8 +417,8 @@ def test_muon_launchers(launches, monkeypatch):
     assert products[2][1:3] == ((1, cols, rows), (1, rows, rows))      # X B
     assert launches[-1]["args"][5] == np.float32(math.sqrt(cols / rows))
     with pytest.raises(ValueError, match="^workspace: 8 bfloat16 elements, need"):
-        muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((8,), BF16))
-    with pytest.raises(ValueError, match="^momentum_buffer: dtype bfloat16"):
+        muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((8,), BF16), scratch=fake((L * 15,)))
+    with pytest.raises(ValueError, match="^momentum: dtype bfloat16"):
         muon.muon_update(param, grad, grad, lr=0.02)
     with pytest.raises(ValueError, match=r"^param: shape \(7,\), expected \(..., rows, cols\)"):
         muon.muon_update(fake((7,)), fake((7,)), fake((7,)), lr=0.02)

@@ -70,7 +70,7 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
                                 "permute_backward_kernel"),
     "flash_attention.cu": ("flash_attention_forward_kernel", "flash_attention_delta_kernel",
                            "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"),
-    "classifier.cu": _each_dtype("fused_classifier_kernel"),
+    "classifier.cu": _each_dtype("fused_classifier_kernel", "softcap_forward_kernel"),
     "adamw.cu": _each_dtype("adamw_kernel", "init_from_master_kernel"),
     "global_norm.cu": _each_dtype("global_norm_squared_kernel") + ("global_norm_finish_kernel",),
     "bias.cu": _each_dtype("bias_backward_kernel", "bias_backward_fold_kernel"),

@@ -5,6 +5,7 @@ import numpy as np
 from llmpy.gpu import _kernels as K
 
 BLOCK_SIZE = 1024   # one block per row; llm.c's choice (the Vp ~ 50k row is long)
+SOFTCAP_BLOCK_SIZE = 256
 
 
 def fused_classifier(dlogits, losses, logits, targets, dloss, V, *, softcap=0.0, block_size=BLOCK_SIZE):
@@ -40,3 +41,15 @@ def fused_classifier(dlogits, losses, logits, targets, dloss, V, *, softcap=0.0,
     K.launch("classifier.cu", K.template_name("fused_classifier_kernel", dtype), (rows,), (block_size,),
              (K.nullable(dlogits), losses, logits, targets, K.f32(dloss), K.i32(rows), K.i32(V), K.i32(Vp),
               K.f32(softcap)))
+
+
+def softcap_forward(out, inp, softcap, *, block_size=SOFTCAP_BLOCK_SIZE):
+    """out = softcap * tanh(inp / softcap), elementwise (softcap > 0); out may be inp. Overwrites out."""
+    if not softcap > 0.0:
+        raise ValueError(f"softcap = {softcap} must be > 0")
+    dtype = K.check_floats(inp=inp, out=out)
+    K.check_same_shape(inp=inp, out=out)
+    block_size = K.check_block_size(block_size)
+    K.launch("classifier.cu", K.template_name("softcap_forward_kernel", dtype),
+             K.elementwise_grid(inp.size, dtype, block_size), (block_size,),
+             (out, inp, K.i32(inp.size), K.f32(softcap)))

@@ -85,17 +85,20 @@ def _copy(dst, src):
              (dst, src, K.i32(n)))
 
 
-def newton_schulz(x, *, steps=NS_STEPS, coeffs=NS_COEFFS, workspace=None):
-    """Orthogonalise x in place: `steps` quintic Newton-Schulz iterations on each (rows, cols) matrix.
-
-    x: bf16 (..., rows, cols), already scaled to Frobenius norm <= 1 (muon_update does that).
-    workspace: bf16 device array of >= ns_workspace_size(x.shape) elements (contents overwritten);
-    allocated when None (pass one from the arena inside a captured CUDA graph).
-    """
-    K.check("x", x, dtype=K.BF16, aligned=True)
-    batch, rows, cols = _matrices("x", x)
-    workspace = _buffer("workspace", workspace, ns_workspace_size(x.shape), K.BF16)
-    a, b, c = coeffs
+def _orthogonalise(x, grad, momentum, *, beta, nesterov, grad_scale, steps, scalars, workspace, scratch):
+    """x (bf16) = NewtonSchulz5 of grad after the momentum step (momentum None: of grad itself);
+    workspace holds newton_schulz's buffers (not x)."""
+    dtype = x.dtype if grad is x else K.check_floats(grad=grad, aligned=False)
+    batch, rows, cols = _matrices("grad", grad)
+    n = rows * cols
+    blocks = norm_blocks(n)
+    workspace = _buffer("workspace", workspace, ns_workspace_size(grad.shape), K.BF16)
+    scratch = _buffer("scratch", scratch, batch * blocks, np.float32)
+    K.launch("muon.cu", K.template_name("muon_momentum_kernel", dtype), (blocks, batch), (BLOCK_SIZE,),
+             (x, scratch, K.nullable(momentum), grad, K.i32(n), K.f32(beta), K.i32(1 if nesterov else 0),
+              K.f32(grad_scale), K.nullable(scalars)))
+    K.launch("muon.cu", "muon_normalize_kernel", (blocks, batch), (BLOCK_SIZE,), (x, scratch, K.i32(blocks), K.i32(n)))
+    a, b, c = NS_COEFFS
     k = min(rows, cols)
     X = x.reshape(batch, rows, cols)
     gram = _padded(batch * k * k)
@@ -114,29 +117,45 @@ def newton_schulz(x, *, steps=NS_STEPS, coeffs=NS_COEFFS, workspace=None):
             matmul.batched_matmul(X, Y, B, transa=False, transb=False, alpha=1.0, beta=a)
 
 
+def newton_schulz(out, G, steps=NS_STEPS, *, workspace=None, scratch=None):
+    """out = NewtonSchulz5(G) for each matrix of the stack G (..., rows, cols), in bf16.
+
+    G float32 or bf16; out bf16, G's shape (OVERWRITTEN; may be G when G is bf16). workspace (bf16,
+    >= ns_workspace_size(G.shape)) and scratch (float32, >= scratch_size(G.shape)) are allocated
+    when None (pass arena buffers inside a captured CUDA graph).
+    """
+    K.check("out", out, dtype=K.BF16, aligned=True)
+    if G is not out:
+        K.check("G", G, dtype=K.FLOAT_DTYPES)
+        K.check_same_shape(out=out, G=G)
+    _matrices("G", G)
+    if G.size:
+        _orthogonalise(out, G, None, beta=0.0, nesterov=False, grad_scale=1.0, steps=steps, scalars=None,
+                       workspace=workspace, scratch=scratch)
+
+
 def step_scale(rows: int, cols: int) -> float:
     """Muon's shape factor of the step: max(1, rows / cols)^0.5."""
     return math.sqrt(max(1.0, rows / cols))
 
 
-def muon_update(param, momentum_buffer, grad, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0,
-                ns_steps=NS_STEPS, grad_scale=1.0, master=None, seed=0, scalars=None, seed_ptr=None,
-                workspace=None, scratch=None):
-    """One Muon step on a batch of same-shape matrices, in place.
+def muon_update(param, momentum, grad, *, lr, beta=0.95, nesterov=True, grad_scale=1.0, steps=NS_STEPS,
+                master=None, seed=0, scalars=None, seed_ptr=None, workspace=None, scratch=None):
+    """One Muon step on a stack of same-shape matrices, in place (as llmpy.cpu.muon_update).
 
-    param, grad (..., rows, cols) float32 or bf16; momentum_buffer (and master) float32, param's shape.
-    g = grad_scale * grad; momentum_buffer = momentum * buf + (1 - momentum) g (overwritten);
-    u = (1 - momentum) g + momentum * buf with nesterov, else buf; X = NS(u / ||u||_F) per matrix (bf16);
-    param -= lr * (max(1, rows/cols)^0.5 X + weight_decay * param), from master when given (and written
-    back there), rounded stochastically into bf16 params (seed, as AdamW).
-    scalars (device float32 [lr, grad_scale]) and seed_ptr (device uint32 [seed]) replace lr,
-    grad_scale and seed at run time (CUDA-graph replay). workspace: bf16, >= workspace_size(shape);
-    scratch: float32, >= scratch_size(shape); both allocated when None (pass arena buffers in a graph).
+    param, grad (..., rows, cols) float32 or bf16; momentum (the buffer) and master float32, param's shape.
+    g = grad_scale * grad; momentum = beta momentum + (1 - beta) g (OVERWRITTEN); u = (1 - beta) g +
+    beta momentum with nesterov, else momentum; X = NewtonSchulz5(u) per matrix (bf16);
+    param -= lr max(1, rows/cols)^0.5 X, from master when given (and written back there), rounded
+    stochastically into bf16 params (seed, as AdamW). No weight decay (nanochat's Muon has none).
+    GPU-only knobs: scalars (device float32 [lr, grad_scale]) and seed_ptr (device uint32 [seed])
+    replace lr, grad_scale and seed at run time (CUDA-graph replay); workspace (bf16, >=
+    workspace_size(shape)) and scratch (float32, >= scratch_size(shape)), allocated when None.
     """
     dtype = K.check_floats(param=param, grad=grad, aligned=False)
     K.check_same_shape(param=param, grad=grad)
     batch, rows, cols = _matrices("param", param)
-    K.check("momentum_buffer", momentum_buffer, dtype=np.float32, shape=param.shape)
+    K.check("momentum", momentum, dtype=np.float32, shape=param.shape)
     if master is not None:
         K.check("master", master, dtype=np.float32, shape=param.shape)
     if scalars is not None:
@@ -144,19 +163,12 @@ def muon_update(param, momentum_buffer, grad, *, lr, momentum=0.95, nesterov=Tru
     if seed_ptr is not None:
         K.check("seed_ptr", seed_ptr, dtype=np.uint32, shape=(1,))
     n = rows * cols
-    if batch == 0 or n == 0:
+    if param.size == 0:
         return
     workspace = _buffer("workspace", workspace, workspace_size(param.shape), K.BF16)
-    blocks = norm_blocks(n)
-    scratch = _buffer("scratch", scratch, batch * blocks, np.float32)
-
-    x = workspace[:batch * n].reshape(batch, rows, cols)
-    ns_workspace = workspace[_padded(batch * n):]
-    K.launch("muon.cu", K.template_name("muon_momentum_kernel", dtype), (blocks, batch), (BLOCK_SIZE,),
-             (x, scratch, momentum_buffer, grad, K.i32(n), K.f32(momentum), K.i32(1 if nesterov else 0),
-              K.f32(grad_scale), K.nullable(scalars)))
-    K.launch("muon.cu", "muon_normalize_kernel", (blocks, batch), (BLOCK_SIZE,), (x, scratch, K.i32(blocks), K.i32(n)))
-    newton_schulz(x, steps=ns_steps, workspace=ns_workspace)
+    x = workspace[:param.size].reshape(param.shape)
+    _orthogonalise(x, grad, momentum, beta=beta, nesterov=nesterov, grad_scale=grad_scale, steps=steps,
+                   scalars=scalars, workspace=workspace[_padded(param.size):], scratch=scratch)
     K.launch("muon.cu", K.template_name("muon_apply_kernel", dtype), (K.ceil_div(n, APPLY_BLOCK_SIZE), batch),
              (APPLY_BLOCK_SIZE,), (param, K.nullable(master), x, K.i32(n), K.f32(lr), K.f32(step_scale(rows, cols)),
-                                   K.f32(weight_decay), K.u32(seed), K.nullable(scalars), K.nullable(seed_ptr)))
+                                   K.u32(seed), K.nullable(scalars), K.nullable(seed_ptr)))

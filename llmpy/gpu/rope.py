@@ -5,8 +5,10 @@ cos and sin are float32 device tables (maxT, D/2) with maxT >= T, row t for posi
 reference's tables once; the kernels never compute an angle). The backward is the forward with the
 rotation reversed (sin negated), so one kernel does both.
 """
+import cupy as cp
 import numpy as np
 
+from llmpy.cpu import rope as cpu_rope
 from llmpy.gpu import _kernels as K
 
 BLOCK_SIZE = 256
@@ -31,6 +33,11 @@ def _launch(out, inp, cos, sin, sin_sign, block_size, names):
         return
     K.launch("rope.cu", K.template_name("rope_kernel", dtype), K.grid_1d(rows * (D // 2 // S), block_size),
              (block_size,), (out, inp, cos, sin, K.f32(sin_sign), K.i32(rows), K.i32(T), K.i32(H), K.i32(D)))
+
+
+def rope_tables(T: int, D: int, base: float = cpu_rope.BASE, dtype=np.float32):
+    """(cos, sin) device tables, each (T, D/2): llmpy.cpu.rope_tables' values, uploaded."""
+    return tuple(cp.asarray(t) for t in cpu_rope.rope_tables(T, D, base, dtype))
 
 
 def rope_forward(out, inp, cos, sin, *, block_size=BLOCK_SIZE):
