@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 FAMILIES = ("encoder", "layernorm", "fused_residual", "residual", "matmul", "attention", "gelu",
-            "classifier", "adamw", "global_norm")
+            "classifier", "adamw", "global_norm", "rmsnorm", "rope", "relu2", "muon")
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> str:
