@@ -528,6 +528,18 @@ def test_attention_launchers(launches, monkeypatch):
     assert products == [((B * NH, T, T), (B * NH, T, HS), (B * NH, T, HS), dict(transa=False, transb=True)),
                         ((B * NH, T, HS), (B * NH, T, T), (B * NH, T, HS), dict(transa=False, transb=False))]
     assert launches[0]["grid"] == (K.ceil_div(B * T * C, 256),)
+    assert softmax["args"][0] is softmax["args"][1] is att and softmax["args"][-1] == np.int32(1)  # zeros too
+
+    # with a preatt scratch, q k^T lands there and the softmax writes only att's causal part
+    launches.clear()
+    products.clear()
+    preatt = fake(att.shape, BF16)
+    attention.attention_forward(out, qkvr, att, inp, preatt=preatt)
+    softmax = launches[1]
+    assert softmax["args"][0] is att and softmax["args"][1] is preatt and softmax["args"][-1] == np.int32(0)
+    assert products[0][0] == (B * NH, T, T)
+    with pytest.raises(ValueError, match=r"^preatt: shape \(2, 3, 40, 39\)"):
+        attention.attention_forward(out, qkvr, att, inp, preatt=fake((B, NH, T, T - 1), BF16))
 
     launches.clear()
     products.clear()

@@ -51,17 +51,23 @@ def softmax_kernel_name(base: str, dtype, T: int) -> str:
     return K.template_name(base, dtype)
 
 
-def attention_forward(out, qkvr, att, inp, *, scratch=None, block_size=BLOCK_SIZE,
+def attention_forward(out, qkvr, att, inp, *, scratch=None, preatt=None, block_size=BLOCK_SIZE,
                       softmax_block_size=SOFTMAX_BLOCK_SIZE):
     """Causal self-attention from packed q|k|v.
 
     inp (B, T, 3C): q, k, v side by side, each C = NH heads of HS channels.
     qkvr (3, B, NH, T, HS): overwritten with the permuted q, k, v (saved for the backward).
-    att (B, NH, T, T): overwritten with the softmax probabilities; the upper triangle is written 0.
+    att (B, NH, T, T): overwritten with the softmax probabilities, upper triangle 0 (att v and the
+    backward's att^T dy read whole rows, so the zeros must be there).
     out (B, T, C): overwritten with the heads' outputs, concatenated. One float dtype throughout.
     scratch: (B, NH, T, HS) buffer for the heads' outputs before they are interleaved into out.
     When None, the first B*T*C elements of inp are used, as llm.c does: inp is CLOBBERED
     (nothing reads the QKV matmul's output after this op; qkvr keeps q, k, v).
+    preatt: None, or a (B, NH, T, T) scratch for q k^T (the engine lends the backward's datt). None:
+    q k^T lands in att and the softmax runs in place, writing the zeros too. Given: the softmax
+    writes only att's causal part (to the end of the 16-byte chunk holding the diagonal), which
+    saves a third of its writes at T = 1024 (review SLOW-3), and att's upper triangle must ALREADY
+    be zero: the engine's arena is zeroed once and nothing else writes there.
     """
     from llmpy.gpu.matmul import batched_matmul                  # cuBLASLt, imported on first use
     dtype = K.check_floats(out=out, qkvr=qkvr, att=att, inp=inp)
@@ -76,14 +82,20 @@ def attention_forward(out, qkvr, att, inp, *, scratch=None, block_size=BLOCK_SIZ
         y = K.check("scratch", scratch, shape=(B, NH, T, HS))
     block_size = K.check_block_size(block_size)
     softmax_block_size = K.check_block_size(softmax_block_size)
+    if preatt is None:
+        preatt = att                                              # in place
+    else:
+        K.check_floats(preatt=preatt, att=att)
+        K.check("preatt", preatt, shape=att.shape)
     q, k, v = (_heads3(p) for p in qkvr)                          # (B*NH, T, HS) each
     att3 = _heads3(att)                                           # (B*NH, T, T)
 
     _launch_permute("permute_kernel", qkvr, inp, dtype, B, T, NH, HS, block_size)
-    batched_matmul(att3, q, k, transa=False, transb=True)        # preatt = q k^T (unscaled), in att
+    batched_matmul(_heads3(preatt), q, k, transa=False, transb=True)   # preatt = q k^T (unscaled)
     K.launch("attention.cu", softmax_kernel_name("softmax_forward_kernel", dtype, T),
              softmax_grid(B * NH * T, softmax_block_size), (softmax_block_size,),
-             (att, att, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T)))
+             (att, preatt, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T),
+              K.i32(preatt is att)))
     batched_matmul(_heads3(y), att3, v, transa=False, transb=False)   # y = att v
     _launch_permute("unpermute_kernel", out, y, dtype, B, T, NH, HS, block_size)
 

@@ -173,6 +173,13 @@ class _ArenaOps:
             dbias = None
         self.base.matmul_backward(dinp, dweight, dbias, dout, inp, weight, **kw)
 
+    def attention_forward(self, out, qkvr, att, inp, **kw):
+        # q k^T into the backward's datt, free during the forward, so that the softmax writes only att's
+        # causal part: the arena zeroed the upper triangle once and nothing else writes it (SLOW-3)
+        if self._train(inp) and "preatt" in self.buffers:
+            kw.setdefault("preatt", self.buffers["preatt"])
+        self.base.attention_forward(out, qkvr, att, inp, **kw)
+
     def global_norm_squared(self, out, grad):
         self.base.global_norm_squared(out, grad, scratch=self.buffers["norm_scratch"])
 
@@ -275,6 +282,8 @@ class GPUGPT(GPT):
         self._acts[("grad", B, T)] = {k[5:]: v for k, v in a.views.items() if k.startswith("dact.")}
         self._train_shape = (B, T)
         buffers = {k: v for k, v in a.views.items() if "." not in k}
+        if "dact.datt" in a.views:                     # the materialised attention's q k^T scratch
+            buffers["preatt"] = a["dact.datt"]
         self.ops = _ArenaOps(ops, buffers, (B, T))
         self._captured_ops = _ArenaOps(ops, buffers, (B, T), capture=True)
         self._prev_lt = cublaslt.default_handle()
