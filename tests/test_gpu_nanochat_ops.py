@@ -47,9 +47,23 @@ def make_classifier(rng, B, T, V, Vp, scale):
             "targets": rng.integers(0, V, size=(B, T)).astype(np.int32)}
 
 
+def make_gqa(rng, B, T, NH, NKV, HS):
+    q, k, v = _normal(rng, B, T, NH, HS), _normal(rng, B, T, NKV, HS), _normal(rng, B, T, NKV, HS)
+    out, att = np.empty((B, T, NH, HS)), np.empty((B, NH, T, T))
+    llmpy.cpu.gqa_attention_forward(out, att, q, k, v)                  # what the forward saves
+    return {"q": q, "k": k, "v": v, "out": _normal(rng, B, T, NH, HS), "att": _normal(rng, B, NH, T, T),
+            "saved_att": att, "dout": _normal(rng, B, T, NH, HS), "dq": _normal(rng, B, T, NH, HS),
+            "dk": _normal(rng, B, T, NKV, HS), "dv": _normal(rng, B, T, NKV, HS), "datt": _normal(rng, B, NH, T, T)}
+
+
 RMS_SIZES = (dict(N=64, C=768), dict(N=21, C=40), dict(N=48, C=64))     # last: QK-norm rows, D = 64
 ROPE_SIZES = (dict(B=2, T=16, H=3, D=64, maxT=32), dict(B=1, T=5, H=2, D=16, maxT=5))
 EW_SIZES = (dict(shape=(4, 16, 3072)), dict(shape=(37,)), dict(shape=(3, 5, 7)))
+GQA_SIZES = (dict(B=2, T=24, NH=6, NKV=2, HS=16),    # groups of 3; 128-bit softmax rows
+             dict(B=1, T=13, NH=4, NKV=1, HS=8),     # multi-query; scalar softmax rows
+             dict(B=1, T=16, NH=2, NKV=2, HS=16))    # NKV = NH: plain multi-head attention
+BF16_INTERMEDIATES = 3.0   # as test_gpu_ops' attention: att, datt and the permuted heads are stored in the
+                           # storage type between the products; lowp (float32 throughout) does not round them
 ROUNDED_RESIDUAL = 3.0     # the fused kernel normalizes the residual after rounding it to the storage
                            # type; lowp normalizes the unrounded float32 sum (as test_gpu_ops' layernorm)
 
@@ -77,6 +91,10 @@ CASES = [
     Case("relu2_backward", ("dinp", "inp", "dout"), ("dinp",), make_elementwise, EW_SIZES, floor_ulps=8),
     Case("relu2_backward", ("dout", "inp", "dout"), ("dout",), make_elementwise, EW_SIZES[1:],   # in place
          floor_ulps=8),
+    Case("gqa_attention_forward", ("out", "att", "q", "k", "v"), ("out", "att"), make_gqa, GQA_SIZES,
+         k=BF16_INTERMEDIATES, floor_ulps=64, cublaslt=True),
+    Case("gqa_attention_backward", ("dq", "dk", "dv", "datt", "dout", "q", "k", "v", "saved_att"),
+         ("dq", "dk", "dv"), make_gqa, GQA_SIZES, k=BF16_INTERMEDIATES, floor_ulps=256, cublaslt=True),
     # softcap 15 (nanochat): logits ~N(0, 2) mostly in tanh's linear part, ~N(0, 30) mostly saturated
     Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 16, 50257), ("logits", "losses"),
          make_classifier, (dict(B=2, T=8, V=50257, Vp=50304, scale=2.0),), kwargs=dict(softcap=15.0),

@@ -386,6 +386,36 @@ def test_nanochat_launchers(launches):
     assert launches[-1]["name"] == "relu2_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == q.size
 
 
+def test_gqa_attention_launchers(launches, monkeypatch):
+    import llmpy.gpu.matmul
+    from llmpy.gpu import attention
+    products = []
+    monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul",
+                        lambda out, a, b, **kw: products.append((out.shape, a.shape, b.shape, kw)))
+    B, T, NH, NKV, HS = 2, 40, 6, 2, 16
+    q, k, v, att = fake((B, T, NH, HS), BF16), fake((B, T, NKV, HS), BF16), fake((B, T, NKV, HS), BF16), \
+        fake((B, NH, T, T), BF16)
+    need = attention.gqa_workspace_size(B, T, NH, NKV, HS, BF16)
+    assert need == 2 * B * T * HS * (NH + NKV)
+    attention.gqa_attention_forward(fake(q.shape, BF16), att, q, k, v, workspace=fake((need,), BF16))
+    assert [c["name"].split("<")[0] for c in launches] == ["unpermute_backward_kernel"] * 3 + [
+        "softmax_forward128_kernel", "unpermute_kernel"]
+    assert [c["args"][-2] for c in launches if "permute" in c["name"]] == [NH, NKV, NKV, NH]
+    G = NH // NKV                                   # one product per (b, kv head) over its group's rows
+    assert products == [((B * NKV, G * T, T), (B * NKV, G * T, HS), (B * NKV, T, HS), dict(transa=False, transb=True)),
+                        ((B * NKV, G * T, HS), (B * NKV, G * T, T), (B * NKV, T, HS), dict(transa=False, transb=False))]
+    products.clear()
+    need = attention.gqa_workspace_size(B, T, NH, NKV, HS, BF16, backward=True)
+    attention.gqa_attention_backward(fake(q.shape, BF16), fake(k.shape, BF16), fake(v.shape, BF16), att, q, q, k, v,
+                                     att, workspace=fake((need,), BF16))
+    assert products[1][:3] == ((B * NKV, T, HS), (B * NKV, G * T, T), (B * NKV, G * T, HS))   # dv = att^T dy
+    with pytest.raises(ValueError, match="^k: 4 kv heads must divide the 6 query heads"):
+        attention.gqa_attention_forward(fake(q.shape, BF16), att, q, fake((B, T, 4, HS), BF16),
+                                        fake((B, T, 4, HS), BF16), workspace=fake((need,), BF16))
+    with pytest.raises(ValueError, match="^workspace: 8 elements, need"):
+        attention.gqa_attention_forward(fake(q.shape, BF16), att, q, k, v, workspace=fake((8,), BF16))
+
+
 def test_muon_launchers(launches, monkeypatch):
     import llmpy.gpu.matmul
     from llmpy.gpu import muon

@@ -6,7 +6,8 @@ needs no GPU to import); kernels compile on first use.
 import cupy as xp  # noqa: F401  (the backend's array module, used by model.py to allocate)
 
 from llmpy.gpu.adamw import adamw_update, global_norm_squared  # noqa: F401
-from llmpy.gpu.attention import attention_backward, attention_forward  # noqa: F401
+from llmpy.gpu.attention import (attention_backward, attention_forward, gqa_attention_backward,  # noqa: F401
+                                 gqa_attention_forward)
 from llmpy.gpu.classifier import fused_classifier, softcap_forward  # noqa: F401
 from llmpy.gpu.encoder import encoder_backward, encoder_forward  # noqa: F401
 from llmpy.gpu.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: F401

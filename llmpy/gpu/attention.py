@@ -12,6 +12,9 @@ Per (b, h), with q, k, v (T, HS) and scale = 1/sqrt(HS):
 """
 import math
 
+import cupy as cp
+import numpy as np
+
 from llmpy.gpu import _kernels as K
 
 BLOCK_SIZE = 256           # permute kernels: one thread per element (llm.c's choice)
@@ -132,3 +135,115 @@ def attention_backward(dinp, dqkvr, datt, scratch, dout, qkvr, att, *, block_siz
     batched_matmul(dq, datt3, k, transa=False, transb=False)      # dq = dpreatt k
     batched_matmul(dk, datt3, q, transa=True, transb=False)       # dk = dpreatt^T q
     _launch_permute("permute_backward_kernel", dinp, dqkvr, dtype, B, T, NH, HS, block_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# Grouped-query attention (nanochat): q (B, T, NH, HS), k and v (B, T, NKV, HS), query head h reading
+# kv head h // G, G = NH / NKV. The same kernels: the permutes bring q to (B, NH, T, HS), which is
+# (B, NKV, G*T, HS) with the G query heads of a group stacked along the rows, and k, v to
+# (B, NKV, T, HS); every product then runs once per (b, kv head) over the group's G*T rows (batch
+# B*NKV), so k and v are never copied per query head, and dk, dv's sum over the group is the GEMM's
+# own contraction over rows. att (B, NH, T, T) is the same array as (B, NKV, G*T, T).
+
+
+def _check_gqa(q, k, v, att=None):
+    """q (B, T, NH, HS), k, v (B, T, NKV, HS) with NKV dividing NH; returns (B, T, NH, NKV, HS)."""
+    K.check("q", q, ndim=4)
+    B, T, NH, HS = q.shape
+    K.check("k", k, ndim=4)
+    NKV = k.shape[2]
+    K.check("k", k, shape=(B, T, NKV, HS))
+    K.check("v", v, shape=(B, T, NKV, HS))
+    if NKV < 1 or NH % NKV:
+        raise ValueError(f"k: {NKV} kv heads must divide the {NH} query heads of q")
+    if att is not None:
+        K.check("att", att, shape=(B, NH, T, T))
+    return B, T, NH, NKV, HS
+
+
+def _gqa_buffers(workspace, dtype, sizes: dict) -> dict:
+    """Carve named (shape) buffers out of one flat workspace (allocated when None), each starting
+    16 bytes after a multiple of 16 bytes, for 128-bit accesses and cuBLASLt."""
+    align = K.x128_elems(dtype)
+    counts = {name: K.ceil_div(int(np.prod(shape)), align) * align for name, shape in sizes.items()}
+    need = sum(counts.values())
+    if workspace is None:
+        workspace = cp.empty(need, dtype=dtype)
+    K.check("workspace", workspace, dtype=dtype, aligned=True)
+    if workspace.size < need:
+        raise ValueError(f"workspace: {workspace.size} elements, need {need}")
+    out, start = {}, 0
+    for name, shape in sizes.items():
+        out[name] = workspace[start:start + int(np.prod(shape))].reshape(shape)
+        start += counts[name]
+    return out
+
+
+def gqa_workspace_size(B, T, NH, NKV, HS, dtype, *, backward=False) -> int:
+    """Elements of `workspace` gqa_attention_forward (backward=False) or _backward needs."""
+    align = K.x128_elems(dtype)
+    n_q, n_kv = (K.ceil_div(B * H * T * HS, align) * align for H in (NH, NKV))
+    return 3 * n_q + 4 * n_kv if backward else 2 * n_q + 2 * n_kv
+
+
+def _group(x, B, NKV):
+    """(B, H, T, HS) head-major -> (B*NKV, rows, HS): a group's G heads are consecutive rows."""
+    return x.reshape(B * NKV, -1, x.shape[-1])
+
+
+def gqa_attention_forward(out, att, q, k, v, *, workspace=None, block_size=BLOCK_SIZE,
+                          softmax_block_size=SOFTMAX_BLOCK_SIZE):
+    """Causal grouped-query attention, scale 1 / sqrt(HS) (as llmpy.cpu.gqa_attention_forward).
+
+    q (B, T, NH, HS); k, v (B, T, NKV, HS), NKV dividing NH; all contiguous, read only.
+    att (B, NH, T, T): overwritten with the probabilities (upper triangle 0). out (B, T, NH, HS):
+    overwritten. workspace: flat, >= gqa_workspace_size(...) elements of the dtype (the permuted
+    q, k, v and the heads' outputs); allocated when None.
+    """
+    from llmpy.gpu.matmul import batched_matmul
+    dtype = K.check_floats(out=out, att=att, q=q, k=k, v=v)
+    B, T, NH, NKV, HS = _check_gqa(q, k, v, att)
+    K.check("out", out, shape=q.shape)
+    block_size = K.check_block_size(block_size)
+    softmax_block_size = K.check_block_size(softmax_block_size)
+    w = _gqa_buffers(workspace, dtype, {"q": (B, NH, T, HS), "k": (B, NKV, T, HS), "v": (B, NKV, T, HS),
+                                         "y": (B, NH, T, HS)})
+    for name, src, H in (("q", q, NH), ("k", k, NKV), ("v", v, NKV)):   # (B, T, H, HS) -> (B, H, T, HS)
+        _launch_permute("unpermute_backward_kernel", w[name], src, dtype, B, T, H, HS, block_size)
+    att_g = _group(att, B, NKV)                                            # (B*NKV, G*T, T)
+    batched_matmul(att_g, _group(w["q"], B, NKV), _group(w["k"], B, NKV), transa=False, transb=True)
+    K.launch("attention.cu", softmax_kernel_name("softmax_forward_kernel", dtype, T),
+             softmax_grid(B * NH * T, softmax_block_size), (softmax_block_size,),
+             (att, att, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T), K.i32(1)))
+    batched_matmul(_group(w["y"], B, NKV), att_g, _group(w["v"], B, NKV), transa=False, transb=False)
+    _launch_permute("unpermute_kernel", out, w["y"], dtype, B, T, NH, HS, block_size)
+
+
+def gqa_attention_backward(dq, dk, dv, datt, dout, q, k, v, att, *, workspace=None, block_size=BLOCK_SIZE,
+                           softmax_block_size=SOFTMAX_BLOCK_SIZE):
+    """Gradient of gqa_attention_forward: dq (B, T, NH, HS), dk, dv (B, T, NKV, HS) OVERWRITTEN (dk, dv
+    summed over each kv head's query group); dout (B, T, NH, HS); att as saved by the forward;
+    datt (B, NH, T, T) scratch. workspace: >= gqa_workspace_size(..., backward=True); None allocates."""
+    from llmpy.gpu.matmul import batched_matmul
+    dtype = K.check_floats(dq=dq, dk=dk, dv=dv, datt=datt, dout=dout, q=q, k=k, v=v, att=att)
+    B, T, NH, NKV, HS = _check_gqa(q, k, v, att)
+    K.check("datt", datt, shape=att.shape)
+    for name, a, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v), ("dout", dout, q)):
+        K.check(name, a, shape=like.shape)
+    block_size = K.check_block_size(block_size)
+    softmax_block_size = K.check_block_size(softmax_block_size)
+    qs, kvs = (B, NH, T, HS), (B, NKV, T, HS)
+    w = _gqa_buffers(workspace, dtype, {"q": qs, "k": kvs, "v": kvs, "dy": qs, "dq": qs, "dk": kvs, "dv": kvs})
+    for name, src, H in (("q", q, NH), ("k", k, NKV), ("v", v, NKV), ("dy", dout, NH)):
+        _launch_permute("unpermute_backward_kernel", w[name], src, dtype, B, T, H, HS, block_size)
+    g = {name: _group(w[name], B, NKV) for name in w}
+    att_g, datt_g = _group(att, B, NKV), _group(datt, B, NKV)
+    batched_matmul(datt_g, g["dy"], g["v"], transa=False, transb=True)      # datt = dy v^T
+    batched_matmul(g["dv"], att_g, g["dy"], transa=True, transb=False)      # dv = att^T dy (sums the group)
+    K.launch("attention.cu", softmax_kernel_name("softmax_backward_kernel", dtype, T),
+             softmax_grid(B * NH * T, softmax_block_size), (softmax_block_size,),
+             (datt, datt, att, K.f32(1.0 / math.sqrt(HS)), K.i32(B * NH * T), K.i32(T)))
+    batched_matmul(g["dq"], datt_g, g["k"], transa=False, transb=False)     # dq = dpreatt k
+    batched_matmul(g["dk"], datt_g, g["q"], transa=True, transb=False)      # dk = dpreatt^T q
+    for dst, name, H in ((dq, "dq", NH), (dk, "dk", NKV), (dv, "dv", NKV)):
+        _launch_permute("unpermute_kernel", dst, w[name], dtype, B, T, H, HS, block_size)
