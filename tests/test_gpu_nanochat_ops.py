@@ -91,6 +91,10 @@ CASES = [
     Case("relu2_backward", ("dinp", "inp", "dout"), ("dinp",), make_elementwise, EW_SIZES, floor_ulps=8),
     Case("relu2_backward", ("dout", "inp", "dout"), ("dout",), make_elementwise, EW_SIZES[1:],   # in place
          floor_ulps=8),
+    Case("encoder_forward", ("out", "inp", "wte", None), ("out",), test_gpu_ops.make_encoder,     # no wpe
+         test_gpu_ops.ENC_SIZES[1:]),
+    Case("encoder_backward", ("dwte", None, "dout", "inp"), ("dwte",), test_gpu_ops.make_encoder,
+         test_gpu_ops.ENC_SIZES[1:], gpu_kwargs=dict(seed=1234), stochastic=True, floor_ulps=64),
     Case("gqa_attention_forward", ("out", "att", "q", "k", "v"), ("out", "att"), make_gqa, GQA_SIZES,
          k=BF16_INTERMEDIATES, floor_ulps=64, cublaslt=True),
     Case("gqa_attention_backward", ("dq", "dk", "dv", "datt", "dout", "q", "k", "v", "saved_att"),
