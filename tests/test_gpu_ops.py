@@ -286,6 +286,13 @@ CASES = [
          fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),
     Case("flash_attention_backward", ("dinp", "delta", "dout", "inp", "saved_out", "saved_lse"),
          ("dinp", "delta"), make_flash, FLASH_SIZES, fp32=FLASH_FP32, floor_ulps=256, dtypes=("bfloat16",)),
+    # 128-row tiles (8 warps, exp2 with the folded scale): T = 192 is one whole and one half tile, where
+    # the half's last four warps hold padding rows only; T = 100 one partial tile
+    Case("flash_attention_forward", ("out", "lse", "inp"), ("out", "lse"), make_flash, FLASH_SIZES,
+         gpu_kwargs=dict(tile=128), fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",), label="tile128"),
+    Case("flash_attention_backward", ("dinp", "delta", "dout", "inp", "saved_out", "saved_lse"),
+         ("dinp", "delta"), make_flash, FLASH_SIZES, gpu_kwargs=dict(tile=128), fp32=FLASH_FP32, floor_ulps=256,
+         dtypes=("bfloat16",), label="tile128"),
     Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 256, 50257),
          ("logits", "losses"), make_classifier, (dict(B=4, T=64, V=50257, Vp=50304),),
          fp32=("losses",), floor_ulps=32),

@@ -103,9 +103,14 @@ def nvcc_every_instantiation(filename: str, tmp_path, *flags: str) -> subprocess
     return result
 
 
-# kernels written for one block size (their launchers always use it; __launch_bounds__ says so too)
-FIXED_BLOCKS = {f"flash_attention_{k}_kernel": flash_attention.THREADS
-                for k in ("forward", "backward_dkdv", "backward_dq")}
+def fixed_block(mangled: str) -> int:
+    """The block a kernel launches with at most: 1024, or for the tiled flash kernels, written for one
+    block size (__launch_bounds__ says so too), 32 x WARPS from the mangled <WARPS, EXP2> (ILi8ELb1E),
+    128 for dk/dv."""
+    import re
+    if m := re.search(r"flash_attention_\w+_kernelILi(\d+)E", mangled):
+        return 32 * int(m[1])
+    return flash_attention.launch_shape("dkdv")[1] if "flash_attention_backward_dkdv" in mangled else 1024
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -120,7 +125,7 @@ def test_nvcc_compiles_every_instantiation(filename, tmp_path):
     usage = parse_resource_usage(result.stdout + result.stderr)
     assert len(usage) == len(K.NAME_EXPRESSIONS[filename]), usage
     for kernel, u in usage.items():
-        threads = next((n for name, n in FIXED_BLOCKS.items() if name in kernel), 1024)
+        threads = fixed_block(kernel)
         assert max_threads_per_block(u["registers"]) >= threads, f"{kernel}: {u['registers']} registers"
         assert u["spill_stores"] == u["spill_loads"] == 0 and u["stack"] == 0, f"{kernel} spills: {u}"
         assert u["smem"] <= 48 * 1024, f"{kernel}: {u['smem']} bytes of static shared memory"
@@ -171,10 +176,11 @@ def test_flash_attention_multiplies_on_tensor_cores(tmp_path):
     assert ops.pop("flash_attention_delta_kernel") == []
     products = {"flash_attention_forward_kernel": 2, "flash_attention_backward_dkdv_kernel": 4,
                 "flash_attention_backward_dq_kernel": 3}      # per pair of tiles (the loops are unrolled)
-    for kernel, got in ops.items():
+    for kernel, got in ops.items():   # forward and dq: both instantiations (tile 64 and 128) under one name
         mmas = [op for op in got if op.startswith("mma")]
         assert set(mmas) == {"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}, kernel
-        assert len(mmas) == 32 * products[kernel], (kernel, len(mmas))
+        copies = 1 if "dkdv" in kernel else len(flash_attention.TILES)
+        assert len(mmas) == copies * 32 * products[kernel], (kernel, len(mmas))
         assert {op for op in got if op.startswith("ldmatrix")} == {
             "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"}, kernel
 
@@ -601,7 +607,8 @@ def test_flash_attention_launchers(launches):
     qkv, out, lse = fake((B, T, 3 * C), BF16), fake((B, T, C), BF16), fake((B, NH, T))
     fa.flash_attention_forward(out, lse, qkv)
     (fwd,) = launches
-    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel", (2, B * NH), (128,))
+    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel<4, false>", (2, B * NH),
+                                                        (128,))
     assert fwd["shared_mem"] == 5 * 64 * 72 * 2 == 46080        # Q, and K and V twice (double buffered)
     assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 3 + [np.float32] and fwd["args"][6] == np.float32(0.125)
 
@@ -611,8 +618,20 @@ def test_flash_attention_launchers(launches):
     assert [(c["name"], c["grid"], c["shared_mem"]) for c in launches] == [
         ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), 0),
         ("flash_attention_backward_dkdv_kernel", (2, B * NH), 6 * 64 * 72 * 2 + 4 * 64 * 4),   # + lse, delta x2
-        ("flash_attention_backward_dq_kernel", (2, B * NH), 6 * 64 * 72 * 2)]
+        ("flash_attention_backward_dq_kernel<4, false>", (2, B * NH), 6 * 64 * 72 * 2)]
     assert all(c["shared_mem"] <= 227 * 1024 for c in launches)        # what an sm_90 block may opt into
+
+    # tile=128: 8 warps own 128 query rows (one block for T = 100); the walked tiles and dk/dv stay 64 rows
+    launches.clear()
+    fa.flash_attention_forward(out, lse, qkv, tile=128)
+    fa.flash_attention_backward(dqkv, delta, dout, qkv, out, lse, tile=128)
+    assert [(c["name"], c["grid"], c["block"], c["shared_mem"]) for c in launches] == [
+        ("flash_attention_forward_kernel<8, true>", (1, B * NH), (256,), 6 * 64 * 72 * 2),     # Q Q | K K | V V
+        ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), (256,), 0),
+        ("flash_attention_backward_dkdv_kernel", (2, B * NH), (128,), 6 * 64 * 72 * 2 + 4 * 64 * 4),
+        ("flash_attention_backward_dq_kernel<8, true>", (1, B * NH), (256,), 8 * 64 * 72 * 2)]
+    with pytest.raises(ValueError, match=r"^tile: 32, expected one of \[64, 128\]"):
+        fa.flash_attention_forward(out, lse, qkv, tile=32)
 
     assert fa.supports(BF16, 64) and not fa.supports(np.float32, 64) and not fa.supports(BF16, 32)
     with pytest.raises(ValueError, match=r"^inp: dtype float32, expected bfloat16"):
