@@ -6,17 +6,24 @@
 // llmpy/cpu/attention.py (flash_attention_forward/backward). It plays the part of llm.c's cuDNN path
 // (llmc-facts.md §6.8).
 //
-// Layouts, no permutes: qkv/dqkv (B, T, 3C), token (b, t) = [q | k | v], each C = NH heads x 64;
-// out/dout (B, T, C); lse/delta (B, NH, T) fp32. scale = 1/sqrt(HS); logits z = scale q.k.
+// Layouts, no permutes: qkv/dqkv (B, T, C + 2 Ckv), token (b, t) = [q | k | v], q C = NH heads x 64, k and
+// v Ckv = NKV heads x 64 each (GPT-2: NKV = NH, 3C); out/dout (B, T, C); lse/delta (B, NH, T) fp32.
+// Grouped-query attention (nanochat): query head h reads kv head h / (NH / NKV), straight from the
+// packed row, so k and v are never copied per query head; dk/dv blocks sum over their group's G = NH / NKV
+// query heads inside the block (one block per (b, kv head, key tile)). scale = 1/sqrt(HS); z = scale q.k.
 //   flash_attention_forward_kernel:       out = softmax(z, causal) v;  lse[b,h,t] = log sum_{j<=t} exp(z_tj)
 //   flash_attention_delta_kernel:         delta[b,h,t] = sum_d dout[b,t,h*HS+d] out[b,t,h*HS+d]
 //   flash_attention_backward_dkdv_kernel: dk, dv parts of dqkv; block = 64 keys, loops over queries >= key
+//                                         of each query head of the kv head's group
 //   flash_attention_backward_dq_kernel:   dq part of dqkv; block = 64 queries, loops over keys <= query
 // In the backward, P = exp(z - lse) and dz = P (dP - delta), dP = dout v^T, are recomputed from q, k, v in
 // both kernels (7 tile products per pair of tiles instead of FlashAttention-2's 5), so that dq is a sum
 // inside one block instead of atomics across blocks: the backward is deterministic, as llm.c's is.
 //
-// Variants: the forward and dq kernels are templates on <WARPS, EXP2>. WARPS = 4 or 8 warps per block,
+// Variants: the forward and dq kernels are templates on <WARPS, EXP2, GQA>. GQA = false (NKV = NH) keeps
+// GPT-2's address arithmetic (stride 3C, k at q + C) and with it the register counts it was tuned with;
+// a single general form took the 4-warp dq kernel from 128-131 to 154-168 registers and spilled the
+// 8-warp forward on sm_90. GQA = true computes k and v from the kv head (h / (NH / NKV)). WARPS = 4 or 8 warps per block,
 // whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so a
 // 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); warps whose
 // rows all precede a key tile skip it. EXP2 = true folds log2(e) into the softmax scale and computes every
@@ -196,17 +203,18 @@ __device__ __forceinline__ float exp_logit(float z, float scale, float shift) {
 // ---------------------------------------------------------------------------------------------
 // forward
 
-template <int WARPS, bool EXP2>
+template <int WARPS, bool EXP2, bool GQA>
 __global__ void __launch_bounds__(WARPS * WARP_SIZE, fa_min_blocks(WARPS))
-flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, int T_, int NH, float scale) {
+flash_attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int B, int T_, int NH, int NKV,
+                               float scale) {
     constexpr int THREADS = WARPS * WARP_SIZE, QROWS = WARPS * FA_ROWS;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * QROWS;     // longest rows (most key tiles) first
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    const int C = NH * FA_HS, stride = 3 * C;
+    const int C = NH * FA_HS, Ckv = GQA ? NKV * FA_HS : C, stride = C + 2 * Ckv;
     const bf16* q = qkv + (size_t)b * T_ * stride + h * FA_HS;    // q of token (b, 0), head h
-    const bf16* k = q + C;
-    const bf16* v = q + 2 * C;
+    const bf16* k = GQA ? qkv + (size_t)b * T_ * stride + C + h / (NH / NKV) * FA_HS : q + C;   // its kv head
+    const bf16* v = GQA ? k + Ckv : q + 2 * C;
     const float scale2 = scale * FA_LOG2E;
 
     SmemCursor cur(fa_smem);
@@ -297,16 +305,18 @@ __global__ void flash_attention_delta_kernel(float* delta, const bf16* dout, con
 
 __global__ void __launch_bounds__(FA_DKDV_THREADS)
 flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                     const float* delta, int B, int T_, int NH, float scale) {
+                                     const float* delta, int B, int T_, int NH, int NKV, float scale) {
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int k0 = blockIdx.x * FA_TILE;                     // first key tiles have the most queries
-    const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    const int C = NH * FA_HS, stride = 3 * C;
+    const int bk = blockIdx.y, b = bk / NKV, hk = bk % NKV;  // one kv head; its group's query heads:
+    const int G = NH / NKV, h0 = hk * G;                     // h0 .. h0 + G - 1
+    const int C = NH * FA_HS, Ckv = NKV * FA_HS, stride = C + 2 * Ckv;
     const size_t token0 = (size_t)b * T_;
-    const bf16* q = qkv + token0 * stride + h * FA_HS;
-    const bf16* go = dout + token0 * C + h * FA_HS;          // dout of token (b, 0), head h
-    const float* lse_bh = lse + (size_t)bh * T_;
-    const float* delta_bh = delta + (size_t)bh * T_;
+    const bf16* k = qkv + token0 * stride + C + hk * FA_HS;
+    const bf16* q = qkv + token0 * stride + h0 * FA_HS;      // the group's first query head; head h0 + j
+    const bf16* go = dout + token0 * C + h0 * FA_HS;         // at + j FA_HS here and in dout (token (b, 0)),
+    const float* lse_bh = lse + ((size_t)b * NH + h0) * T_;  // + j T_ in lse and delta
+    const float* delta_bh = delta + ((size_t)b * NH + h0) * T_;
 
     SmemCursor cur(fa_smem);
     bf16* Ks = cur.take<bf16>(FA_TILE_BYTES);
@@ -318,30 +328,34 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
     bf16* my_keys = Ks + warp * FA_ROWS * FA_LD;             // this warp's rows of K and V: only it reads them
     bf16* my_values = Vs + warp * FA_ROWS * FA_LD;
 
-    // the query tile at q0, its dout, lse and delta into buffer `to`, committed as one group
-    auto copy_queries = [&](int q0, int to) {
-        copy_tile_async<FA_DKDV_THREADS>(Qs + to * FA_TILE_ELEMS, q + (size_t)q0 * stride, stride, T_ - q0);
-        copy_tile_async<FA_DKDV_THREADS>(dOs + to * FA_TILE_ELEMS, go + (size_t)q0 * C, C, T_ - q0);
+    // the query tile at q0 of head h0 + j, its dout, lse and delta into buffer `to`, committed as one group
+    auto copy_queries = [&](int j, int q0, int to) {
+        copy_tile_async<FA_DKDV_THREADS>(Qs + to * FA_TILE_ELEMS, q + (size_t)q0 * stride + j * FA_HS, stride,
+                                         T_ - q0);
+        copy_tile_async<FA_DKDV_THREADS>(dOs + to * FA_TILE_ELEMS, go + (size_t)q0 * C + j * FA_HS, C, T_ - q0);
         const int i = threadIdx.x, at = to * FA_TILE + i;
         if (i < FA_TILE && q0 + i < T_) {
-            cp_async4(lse_s + at, lse_bh + q0 + i);
-            cp_async4(delta_s + at, delta_bh + q0 + i);
+            cp_async4(lse_s + at, lse_bh + (size_t)j * T_ + q0 + i);
+            cp_async4(delta_s + at, delta_bh + (size_t)j * T_ + q0 + i);
         } else if (i < FA_TILE) {
             lse_s[at] = delta_s[at] = 0.0f;
         }
         cp_async_commit();
     };
-    copy_keys_values_async<FA_DKDV_THREADS>(Ks, Vs, 0, q + C, q + 2 * C, k0, stride, T_);   // the block's keys
-    copy_queries(k0, 0);
+    copy_keys_values_async<FA_DKDV_THREADS>(Ks, Vs, 0, k, k + Ckv, k0, stride, T_);   // the block's keys
+    copy_queries(0, k0, 0);
     const int key[2] = {k0 + warp * FA_ROWS + g, k0 + warp * FA_ROWS + g + 8};
     Acc dk, dv;
     zero(dk);
     zero(dv);
 
-    for (int q0 = k0, buf = 0; q0 < T_; q0 += FA_TILE, buf ^= 1) {   // query tiles at or after the key tile
+    // each head of the group, its query tiles at or after the key tile
+    for (int j = 0, q0 = k0, buf = 0; j < G; buf ^= 1) {
         cp_async_wait_all();
         __syncthreads();                                     // this tile is in; the other buffer is free
-        if (q0 + FA_TILE < T_) copy_queries(q0 + FA_TILE, buf ^ 1);   // in flight during the products
+        const int next_q0 = q0 + FA_TILE < T_ ? q0 + FA_TILE : k0;   // this head's next tile, or the next head's
+        const int next_j = next_q0 == k0 ? j + 1 : j;
+        if (next_j < G) copy_queries(next_j, next_q0, buf ^ 1);   // in flight during the products
         const bf16* Qt = Qs + buf * FA_TILE_ELEMS;
         const bf16* dOt = dOs + buf * FA_TILE_ELEMS;
         const float* lse_t = lse_s + buf * FA_TILE;
@@ -366,25 +380,29 @@ flash_attention_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* q
         }
         product_add_ab(dv, st, dOt);                         // dv += P^T dout
         product_add_ab(dk, dpt, Qt);                         // dk += d(q.k)^T q
+        q0 = next_q0;
+        j = next_j;
     }
 
     const int first = k0 + warp * FA_ROWS;
-    bf16* dst = dqkv + (token0 + first) * stride + h * FA_HS;
-    store_rows(dst + C, stride, T_ - first, dk, my_keys);
-    store_rows(dst + 2 * C, stride, T_ - first, dv, my_values);
+    bf16* dst = dqkv + (token0 + first) * stride + C + hk * FA_HS;
+    store_rows(dst, stride, T_ - first, dk, my_keys);
+    store_rows(dst + Ckv, stride, T_ - first, dv, my_values);
 }
 
-template <int WARPS, bool EXP2>
+template <int WARPS, bool EXP2, bool GQA>
 __global__ void __launch_bounds__(WARPS * WARP_SIZE, fa_min_blocks(WARPS))
 flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                   const float* delta, int B, int T_, int NH, float scale) {
+                                   const float* delta, int B, int T_, int NH, int NKV, float scale) {
     constexpr int THREADS = WARPS * WARP_SIZE, QROWS = WARPS * FA_ROWS;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t4 = lane % 4;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * QROWS;     // longest rows first
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    const int C = NH * FA_HS, stride = 3 * C;
+    const int C = NH * FA_HS, Ckv = GQA ? NKV * FA_HS : C, stride = C + 2 * Ckv;
     const size_t token0 = (size_t)b * T_;
     const bf16* q = qkv + token0 * stride + h * FA_HS;
+    const bf16* k = GQA ? qkv + token0 * stride + C + h / (NH / NKV) * FA_HS : q + C;   // its group's kv head
+    const bf16* v = GQA ? k + Ckv : q + 2 * C;
     constexpr float LOG_UNIT = EXP2 ? FA_LOG2E : 1.0f;     // exp2's unit: scale and lse times log2(e)
     const float zscale = scale * LOG_UNIT;
 
@@ -397,7 +415,7 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
 
     copy_tile_async<THREADS, QROWS>(Qs, q + (size_t)q0 * stride, stride, T_ - q0);
     copy_tile_async<THREADS, QROWS>(dOs, dout + (token0 + q0) * C + h * FA_HS, C, T_ - q0);
-    copy_keys_values_async<THREADS>(Ks, Vs, 0, q + C, q + 2 * C, 0, stride, T_);
+    copy_keys_values_async<THREADS>(Ks, Vs, 0, k, v, 0, stride, T_);
     const int first = q0 + warp * FA_ROWS;
     const int row[2] = {first + g, first + g + 8};
     float lse_r[2], delta_r[2];
@@ -413,7 +431,7 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
         cp_async_wait_all();
         __syncthreads();                                     // this tile is in; the other buffer is free
         if (k0 + FA_TILE < k_end) {
-            copy_keys_values_async<THREADS>(Ks, Vs, buf ^ 1, q + C, q + 2 * C, k0 + FA_TILE, stride, T_);
+            copy_keys_values_async<THREADS>(Ks, Vs, buf ^ 1, k, v, k0 + FA_TILE, stride, T_);
         }
         // unlike the forward, no warp skips a key tile after its rows (the mask zeroes it): the skip took
         // dq<8, true> past 128 registers on sm_90
@@ -438,4 +456,41 @@ flash_attention_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv
     }
 
     store_rows(dqkv + (token0 + first) * stride + h * FA_HS, stride, T_ - first, dq, my_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped-query attention with separate q (B, T, NH, 64), k and v (B, T, NKV, 64) arrays (llmpy.cpu's
+// contract): the packed rows the kernels above read, and back. One thread per 16-byte chunk of a packed
+// row (C + 2 Ckv channels); both ways are plain copies.
+
+// The array, row and column of a packed row's chunk i: q (0), k (1) or v (2).
+__device__ __forceinline__ int qkv_chunk(int i, int C, int Ckv, size_t& offset) {
+    const int width = C + 2 * Ckv, token = i / width, col = i - token * width;
+    if (col < C) {
+        offset = (size_t)token * C + col;
+        return 0;
+    }
+    const int which = col < C + Ckv ? 1 : 2;
+    offset = (size_t)token * Ckv + col - C - (which - 1) * Ckv;
+    return which;
+}
+
+__global__ void qkv_pack_kernel(bf16* qkv, const bf16* q, const bf16* k, const bf16* v, int BT, int C, int Ckv) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= BT * (C + 2 * Ckv)) return;
+    size_t at;
+    const int which = qkv_chunk(i, C, Ckv, at);
+    store128(qkv + i, load128cs((which == 0 ? q : which == 1 ? k : v) + at));   // read once
+}
+
+// Separate stores, not one through a selected pointer: that compiles to a generic (not global) store.
+__global__ void qkv_unpack_kernel(bf16* q, bf16* k, bf16* v, const bf16* qkv, int BT, int C, int Ckv) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= BT * (C + 2 * Ckv)) return;
+    size_t at;
+    const int which = qkv_chunk(i, C, Ckv, at);
+    const Packed128<bf16> x = load128cs(qkv + i);
+    if (which == 0) store128(q + at, x);
+    else if (which == 1) store128(k + at, x);
+    else store128(v + at, x);
 }

@@ -56,6 +56,16 @@ def make_gqa(rng, B, T, NH, NKV, HS):
             "dk": _normal(rng, B, T, NKV, HS), "dv": _normal(rng, B, T, NKV, HS), "datt": _normal(rng, B, NH, T, T)}
 
 
+def make_gqa_flash(rng, B, T, NH, NKV):
+    HS = 64
+    q, k, v = _normal(rng, B, T, NH, HS), _normal(rng, B, T, NKV, HS), _normal(rng, B, T, NKV, HS)
+    out, lse = np.empty((B, T, NH, HS)), np.empty((B, NH, T))
+    llmpy.cpu.gqa_flash_attention_forward(out, lse, q, k, v)           # what the forward saves
+    return {"q": q, "k": k, "v": v, "out": _normal(rng, B, T, NH, HS), "lse": _normal(rng, B, NH, T),
+            "saved_out": out, "saved_lse": lse, "dout": _normal(rng, B, T, NH, HS), "delta": _normal(rng, B, NH, T),
+            "dq": _normal(rng, B, T, NH, HS), "dk": _normal(rng, B, T, NKV, HS), "dv": _normal(rng, B, T, NKV, HS)}
+
+
 RMS_SIZES = (dict(N=64, C=768), dict(N=21, C=40), dict(N=48, C=64))     # last: QK-norm rows, D = 64
 ROPE_SIZES = (dict(B=2, T=16, H=3, D=64, maxT=32), dict(B=1, T=5, H=2, D=16, maxT=5))
 EW_SIZES = (dict(shape=(4, 16, 3072)), dict(shape=(37,)), dict(shape=(3, 5, 7)))
@@ -64,6 +74,9 @@ GQA_SIZES = (dict(B=2, T=24, NH=6, NKV=2, HS=16),    # groups of 3; 128-bit soft
              dict(B=1, T=16, NH=2, NKV=2, HS=16))    # NKV = NH: plain multi-head attention
 BF16_INTERMEDIATES = 3.0   # as test_gpu_ops' attention: att, datt and the permuted heads are stored in the
                            # storage type between the products; lowp (float32 throughout) does not round them
+GQA_FLASH_SIZES = (dict(B=1, T=100, NH=4, NKV=2),   # 2 key tiles, a partial one; groups of 2
+                   dict(B=2, T=40, NH=3, NKV=1))    # multi-query, one partial tile
+FLASH_FP32 = ("lse", "saved_lse", "delta")
 ROUNDED_RESIDUAL = 3.0     # the fused kernel normalizes the residual after rounding it to the storage
                            # type; lowp normalizes the unrounded float32 sum (as test_gpu_ops' layernorm)
 
@@ -99,6 +112,17 @@ CASES = [
          k=BF16_INTERMEDIATES, floor_ulps=64, cublaslt=True),
     Case("gqa_attention_backward", ("dq", "dk", "dv", "datt", "dout", "q", "k", "v", "saved_att"),
          ("dq", "dk", "dv"), make_gqa, GQA_SIZES, k=BF16_INTERMEDIATES, floor_ulps=256, cublaslt=True),
+    # bf16 only (tensor cores); the default budget holds, as for GPT-2's fused attention (test_gpu_ops)
+    Case("gqa_flash_attention_forward", ("out", "lse", "q", "k", "v"), ("out", "lse"), make_gqa_flash,
+         GQA_FLASH_SIZES, fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),
+    Case("gqa_flash_attention_forward", ("out", "lse", "q", "k", "v"), ("out", "lse"), make_gqa_flash,
+         GQA_FLASH_SIZES[:1], gpu_kwargs=dict(tile=128), fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),
+    Case("gqa_flash_attention_backward", ("dq", "dk", "dv", "delta", "dout", "q", "k", "v", "saved_out", "saved_lse"),
+         ("dq", "dk", "dv", "delta"), make_gqa_flash, GQA_FLASH_SIZES, fp32=FLASH_FP32, floor_ulps=256,
+         dtypes=("bfloat16",)),
+    Case("gqa_flash_attention_backward", ("dq", "dk", "dv", "delta", "dout", "q", "k", "v", "saved_out", "saved_lse"),
+         ("dq", "dk", "dv", "delta"), make_gqa_flash, GQA_FLASH_SIZES[:1], gpu_kwargs=dict(tile=128),
+         fp32=FLASH_FP32, floor_ulps=256, dtypes=("bfloat16",)),
     # softcap 15 (nanochat): logits ~N(0, 2) mostly in tanh's linear part, ~N(0, 30) mostly saturated
     Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 16, 50257), ("logits", "losses"),
          make_classifier, (dict(B=2, T=8, V=50257, Vp=50304, scale=2.0),), kwargs=dict(softcap=15.0),

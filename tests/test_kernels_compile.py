@@ -105,7 +105,7 @@ def nvcc_every_instantiation(filename: str, tmp_path, *flags: str) -> subprocess
 
 def fixed_block(mangled: str) -> int:
     """The block a kernel launches with at most: 1024, or for the tiled flash kernels, written for one
-    block size (__launch_bounds__ says so too), 32 x WARPS from the mangled <WARPS, EXP2> (ILi8ELb1E),
+    block size (__launch_bounds__ says so too), 32 x WARPS from the mangled <WARPS, EXP2, GQA> (ILi8ELb1ELb0E),
     128 for dk/dv."""
     import re
     if m := re.search(r"flash_attention_\w+_kernelILi(\d+)E", mangled):
@@ -142,7 +142,8 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
                 "bias_backward_kernel", "flash_attention_forward_kernel",
                 "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel",
                 "rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
-                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel",
+                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel", "qkv_pack_kernel",
+                "qkv_unpack_kernel",
                 "softcap_forward_kernel"}
 
 
@@ -173,13 +174,14 @@ def test_flash_attention_multiplies_on_tensor_cores(tmp_path):
     found = ptx_matches("flash_attention.cu", tmp_path,
                         r"(?<!w)(mma\.sync\.aligned\.m16n8k16\.row\.col\.[\w.]+|ldmatrix\.sync\.aligned\.[\w.]+)")
     ops = {kernel: [m.group(1) for m in matches] for kernel, matches in found.items()}
-    assert ops.pop("flash_attention_delta_kernel") == []
+    for plain in ("flash_attention_delta_kernel", "qkv_pack_kernel", "qkv_unpack_kernel"):
+        assert ops.pop(plain) == [], plain
     products = {"flash_attention_forward_kernel": 2, "flash_attention_backward_dkdv_kernel": 4,
                 "flash_attention_backward_dq_kernel": 3}      # per pair of tiles (the loops are unrolled)
     for kernel, got in ops.items():   # forward and dq: both instantiations (tile 64 and 128) under one name
         mmas = [op for op in got if op.startswith("mma")]
         assert set(mmas) == {"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}, kernel
-        copies = 1 if "dkdv" in kernel else len(flash_attention.TILES)
+        copies = 1 if "dkdv" in kernel else 2 * len(flash_attention.TILES)     # with and without GQA
         assert len(mmas) == copies * 32 * products[kernel], (kernel, len(mmas))
         assert {op for op in got if op.startswith("ldmatrix")} == {
             "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"}, kernel
@@ -607,10 +609,11 @@ def test_flash_attention_launchers(launches):
     qkv, out, lse = fake((B, T, 3 * C), BF16), fake((B, T, C), BF16), fake((B, NH, T))
     fa.flash_attention_forward(out, lse, qkv)
     (fwd,) = launches
-    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel<4, false>", (2, B * NH),
+    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel<4, false, false>", (2, B * NH),
                                                         (128,))
     assert fwd["shared_mem"] == 5 * 64 * 72 * 2 == 46080        # Q, and K and V twice (double buffered)
-    assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 3 + [np.float32] and fwd["args"][6] == np.float32(0.125)
+    assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 4 + [np.float32] and fwd["args"][7] == np.float32(0.125)
+    assert fwd["args"][5:7] == (NH, NH)                           # GPT-2: as many kv heads as query heads
 
     launches.clear()
     dqkv, dout, delta = fake(qkv.shape, BF16), fake(out.shape, BF16), fake(lse.shape)
@@ -618,7 +621,7 @@ def test_flash_attention_launchers(launches):
     assert [(c["name"], c["grid"], c["shared_mem"]) for c in launches] == [
         ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), 0),
         ("flash_attention_backward_dkdv_kernel", (2, B * NH), 6 * 64 * 72 * 2 + 4 * 64 * 4),   # + lse, delta x2
-        ("flash_attention_backward_dq_kernel<4, false>", (2, B * NH), 6 * 64 * 72 * 2)]
+        ("flash_attention_backward_dq_kernel<4, false, false>", (2, B * NH), 6 * 64 * 72 * 2)]
     assert all(c["shared_mem"] <= 227 * 1024 for c in launches)        # what an sm_90 block may opt into
 
     # tile=128: 8 warps own 128 query rows (one block for T = 100); the walked tiles and dk/dv stay 64 rows
@@ -626,12 +629,34 @@ def test_flash_attention_launchers(launches):
     fa.flash_attention_forward(out, lse, qkv, tile=128)
     fa.flash_attention_backward(dqkv, delta, dout, qkv, out, lse, tile=128)
     assert [(c["name"], c["grid"], c["block"], c["shared_mem"]) for c in launches] == [
-        ("flash_attention_forward_kernel<8, true>", (1, B * NH), (256,), 6 * 64 * 72 * 2),     # Q Q | K K | V V
+        ("flash_attention_forward_kernel<8, true, false>", (1, B * NH), (256,), 6 * 64 * 72 * 2),     # Q Q | K K | V V
         ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), (256,), 0),
         ("flash_attention_backward_dkdv_kernel", (2, B * NH), (128,), 6 * 64 * 72 * 2 + 4 * 64 * 4),
-        ("flash_attention_backward_dq_kernel<8, true>", (1, B * NH), (256,), 8 * 64 * 72 * 2)]
+        ("flash_attention_backward_dq_kernel<8, true, false>", (1, B * NH), (256,), 8 * 64 * 72 * 2)]
     with pytest.raises(ValueError, match=r"^tile: 32, expected one of \[64, 128\]"):
         fa.flash_attention_forward(out, lse, qkv, tile=32)
+
+    # grouped-query (NKV = 1 of NH = 2): packed rows of (2 + 2) heads; dk/dv blocks per (b, kv head)
+    launches.clear()
+    gqkv = fake((B, T, 4 * 64), BF16)
+    fa.flash_attention_forward(out, lse, gqkv, n_kv_head=1)
+    fa.flash_attention_backward(fake(gqkv.shape, BF16), delta, dout, gqkv, out, lse, n_kv_head=1)
+    assert [(c["name"], c["grid"], c["args"][-2]) for c in launches[::2]] == [
+        ("flash_attention_forward_kernel<4, false, true>", (2, B * NH), 1),
+        ("flash_attention_backward_dkdv_kernel", (2, B), 1)]
+    assert launches[-1]["grid"] == (2, B * NH)
+    with pytest.raises(ValueError, match=r"^n_kv_head = 3 must divide the 2 heads"):
+        fa.flash_attention_forward(out, lse, gqkv, n_kv_head=3)
+    with pytest.raises(ValueError, match=r"^inp: shape \(3, 100, 384\) with 2 heads .* and 1 kv heads"):
+        fa.flash_attention_forward(out, lse, qkv, n_kv_head=1)
+    launches.clear()
+    q, kv = fake((B, T, NH, 64), BF16), fake((B, T, 1, 64), BF16)
+    fa.gqa_flash_attention_backward(fake(q.shape, BF16), fake(kv.shape, BF16), fake(kv.shape, BF16), delta, q, q,
+                                    kv, kv, q, lse, workspace=fake((2 * B * T * 4 * 64,), BF16))
+    assert [c["name"].split("<")[0] for c in launches] == [
+        "qkv_pack_kernel", "flash_attention_delta_kernel", "flash_attention_backward_dkdv_kernel",
+        "flash_attention_backward_dq_kernel", "qkv_unpack_kernel"]
+    assert launches[0]["args"][-3:] == (B * T, NH * 64, 64)
 
     assert fa.supports(BF16, 64) and not fa.supports(np.float32, 64) and not fa.supports(BF16, 32)
     with pytest.raises(ValueError, match=r"^inp: dtype float32, expected bfloat16"):

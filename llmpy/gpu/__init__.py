@@ -10,7 +10,8 @@ from llmpy.gpu.attention import (attention_backward, attention_forward, gqa_atte
                                  gqa_attention_forward)
 from llmpy.gpu.classifier import fused_classifier, softcap_forward  # noqa: F401
 from llmpy.gpu.encoder import encoder_backward, encoder_forward  # noqa: F401
-from llmpy.gpu.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: F401
+from llmpy.gpu.flash_attention import (flash_attention_backward, flash_attention_forward,  # noqa: F401
+                                       gqa_flash_attention_backward, gqa_flash_attention_forward)
 from llmpy.gpu.gelu import gelu_backward, gelu_forward  # noqa: F401
 from llmpy.gpu.layernorm import fused_residual_forward, layernorm_backward, layernorm_forward  # noqa: F401
 from llmpy.gpu.matmul import matmul_backward, matmul_forward  # noqa: F401

@@ -68,9 +68,11 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
                                 "softmax_backward_kernel", "softmax_forward128_kernel",
                                 "softmax_backward128_kernel", "unpermute_backward_kernel",
                                 "permute_backward_kernel"),
-    "flash_attention.cu": ("flash_attention_delta_kernel", "flash_attention_backward_dkdv_kernel") + tuple(
+    "flash_attention.cu": ("flash_attention_delta_kernel", "flash_attention_backward_dkdv_kernel",
+                           "qkv_pack_kernel", "qkv_unpack_kernel") + tuple(
         f"flash_attention_{k}_kernel<{variant}>" for k in ("forward", "backward_dq")
-        for variant in ("4, false", "8, true")),       # <WARPS, EXP2>: llmpy/gpu/flash_attention.py's TILES
+        for variant in ("4, false, false", "8, true, false", "4, false, true", "8, true, true")),
+    # <WARPS, EXP2, GQA>: llmpy/gpu/flash_attention.py's TILES, and grouped-query attention or not
     "classifier.cu": _each_dtype("fused_classifier_kernel", "softcap_forward_kernel"),
     "adamw.cu": _each_dtype("adamw_kernel", "init_from_master_kernel"),
     "global_norm.cu": _each_dtype("global_norm_squared_kernel") + ("global_norm_finish_kernel",),
