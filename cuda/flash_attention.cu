@@ -23,8 +23,8 @@
 // Variants: the forward and dq kernels are templates on <WARPS, EXP2, GQA>. GQA = false (NKV = NH) keeps
 // GPT-2's address arithmetic (stride 3C, k at q + C) and with it the register counts it was tuned with;
 // a single general form took the 4-warp dq kernel from 128-131 to 154-168 registers and spilled the
-// 8-warp forward on sm_90. GQA = true computes k and v from the kv head (h / (NH / NKV)). WARPS = 4 or 8 warps per block,
-// whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so a
+// 8-warp forward on sm_90. GQA = true computes k and v from the kv head (h / (NH / NKV)).
+// WARPS = 4 or 8 warps per block, whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so a
 // 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); warps whose
 // rows all precede a key tile skip it. EXP2 = true folds log2(e) into the softmax scale and computes every
 // exp as exp2f(fma(z, scale log2 e, -shift)), one multiply less per element than __expf (which is ex2 of
