@@ -10,6 +10,8 @@ marker). Sizes are small: the emulator runs on a couple of shared CPU cores.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -278,3 +280,27 @@ def test_muon_update_graph_scalars(backend):
     on_device = run(lr=1.0, grad_scale=1.0, seed=0, scalars=cp.asarray(np.array([0.02, 0.5], np.float32)),
                     seed_ptr=cp.asarray(np.array([9], np.uint32)))
     assert by_value == on_device
+
+
+# -------------------------------------------------------------------------------------------------
+# GPT-2 124M's own sizes (C = 768, heads of 64, T = 1024), bf16: slow on the emulator
+# (tens of seconds each), milliseconds on a GPU
+
+GPT2_SIZES = {"rmsnorm_": dict(N=2 * 1024, C=768), "rope_": dict(B=2, T=1024, H=12, D=64, maxT=1024),
+              "relu2_": dict(shape=(2, 1024, 3072)),
+              "gqa_flash": dict(B=1, T=1024, NH=6, NKV=2)}     # 16 key tiles, groups of 3
+GPT2_SIZE_CASES = [dataclasses.replace(c, sizes=(size,), dtypes=("bfloat16",))
+                   for prefix, size in GPT2_SIZES.items() for c in CASES
+                   if c.op.startswith(prefix) and c.args[0] not in c.args[1:] and not c.kwargs and not c.gpu_kwargs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,size,dtype_name", [p for c in GPT2_SIZE_CASES for p in _params_of(c)])
+def test_gpu_matches_reference_at_gpt2_size(backend, case, size, dtype_name):
+    check_case(backend, case, size, dtype_name)
+
+
+@pytest.mark.slow
+def test_muon_update_at_gpt2_size(backend):
+    """One Muon step on GPT-2 124M's attention projection (768 x 768, two layers), bf16 with master weights."""
+    test_muon_update_matches_reference(backend, "bfloat16", (2, 768, 768))
