@@ -424,9 +424,13 @@ def test_layernorm_launchers(launches):
     ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean, rstd,
                           scratch=fake((need,)))
     main, fold = launches[-2:]
-    assert main["grid"] == (3,) and main["shared_mem"] == 2 * C * 4
+    assert main["grid"] == (3,) and main["shared_mem"] == 8 * 2 * C * 4      # per warp: dweight, dbias
     assert fold["grid"] == (K.ceil_div(2 * C, 32),) and fold["block"] == (32, ln.FOLD_WARPS)
     assert fold["args"][-2:] == (3, C)
+    with pytest.raises(ValueError, match="^C = 8192: the backward keeps 8 warps x 2C fp32 sums"):   # 512 KiB
+        big = fake((2, 8192), BF16)
+        ln.layernorm_backward(big, fake((8192,), BF16), fake((8192,), BF16), big, big, fake((8192,), BF16),
+                              fake((2,)), fake((2,)))
     with pytest.raises(ValueError, match="^scratch: 10 float32 elements, need 240"):
         ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean,
                               rstd, scratch=fake((10,)))
