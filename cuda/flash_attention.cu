@@ -18,8 +18,8 @@
 //
 // Variants: the forward and dq kernels are templates on <WARPS, EXP2>. WARPS = 4 or 8 warps per block,
 // whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so a
-// 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); warps whose
-// rows all precede a key tile skip it. EXP2 = true folds log2(e) into the softmax scale and computes every
+// 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); in the forward,
+// warps whose rows all precede a key tile skip it. EXP2 = true folds log2(e) into the softmax scale and computes every
 // exp as exp2f(fma(z, scale log2 e, -shift)), one multiply less per element than __expf (which is ex2 of
 // x log2 e); lse stays in natural-log units. <4, false> is the original kernel; the launcher's tile=128
 // takes <8, true>. dk/dv keeps its 64-key, 4-warp kernel in both: with 8 warps it needs 214 registers
@@ -191,7 +191,6 @@ __device__ __forceinline__ float exp_logit(float z, float scale, float shift) {
     if constexpr (EXP2) return exp2f(fmaf(z, scale, -shift));
     else return __expf(scale * z - shift);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // forward
