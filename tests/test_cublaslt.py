@@ -109,9 +109,9 @@ class FakeLt:
 
     def matmul_algo_get_heuristic(self, handle, desc, a, b, c, d, pref, requested, results, count):
         self.heuristic_calls.append(dict(desc=desc, layouts=(a, b, c, d), pref=dict(self.attrs[pref])))
-        restricted = self.attrs[pref][self.MatmulPreferenceAttribute.REDUCTION_SCHEME_MASK] != cublaslt.REDUCTION_SCHEME_ALL
-        found = self.restricted_algorithms if restricted and self.restricted_algorithms is not None else self.algorithms
-        ctypes.c_int32.from_address(count).value = found
+        mask = self.attrs[pref][self.MatmulPreferenceAttribute.REDUCTION_SCHEME_MASK]
+        restricted = mask != cublaslt.REDUCTION_SCHEME_ALL and self.restricted_algorithms is not None
+        ctypes.c_int32.from_address(count).value = self.restricted_algorithms if restricted else self.algorithms
 
     def matmul(self, handle, desc, alpha, a, adesc, b, bdesc, beta, c, cdesc, d, ddesc, algo, ws, ws_bytes,
                stream):
