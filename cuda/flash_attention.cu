@@ -20,16 +20,16 @@
 // both kernels (7 tile products per pair of tiles instead of FlashAttention-2's 5), so that dq is a sum
 // inside one block instead of atomics across blocks: the backward is deterministic, as llm.c's is.
 //
-// Variants: the forward and dq kernels are templates on <WARPS, EXP2, GQA>. GQA = false (NKV = NH) keeps
-// GPT-2's address arithmetic (stride 3C, k at q + C) and with it the register counts it was tuned with;
-// a single general form took the 4-warp dq kernel from 128-131 to 154-168 registers and spilled the
-// 8-warp forward on sm_90. GQA = true computes k and v from the kv head (h / (NH / NKV)).
-// WARPS = 4 or 8 warps per block, whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so a
-// 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); warps whose
-// rows all precede a key tile skip it. EXP2 = true folds log2(e) into the softmax scale and computes every
-// exp as exp2f(fma(z, scale log2 e, -shift)), one multiply less per element than __expf (which is ex2 of
-// x log2 e); lse stays in natural-log units. <4, false> is the original kernel; the launcher's tile=128
-// takes <8, true>. dk/dv keeps its 64-key, 4-warp kernel in both: with 8 warps it needs 214 registers
+// Variants: the forward and dq kernels are templates on <WARPS, EXP2, GQA>. WARPS = 4 or 8 warps per
+// block, whose query tile has 16 WARPS rows: 64 or 128. The key tiles the loop walks over stay 64 rows, so
+// a 128-row block reads each of them from shared memory for twice the rows (review SLOW-2); in the
+// forward, warps whose rows all precede a key tile skip it. GQA = false (NKV = NH) keeps GPT-2's address
+// arithmetic (stride 3C, k at q + C) and with it the register counts it was tuned with (a single general
+// form took the 4-warp dq kernel from 128-131 to 154-168 registers and spilled the 8-warp forward on
+// sm_90); GQA = true computes k and v from the kv head, h / (NH / NKV). EXP2 = true folds log2(e) into the
+// softmax scale and computes every exp as exp2f(fma(z, scale log2 e, -shift)), one multiply less per
+// element than __expf (which is ex2 of x log2 e); lse stays in natural-log units. <4, false, false> is the
+// original kernel; the launcher's tile=128 takes <8, true, *>. dk/dv keeps its 64-key, 4-warp kernel in both: with 8 warps it needs 214 registers
 // (one block per SM), and its exp2 variant spills at the 168 that keep three blocks per SM.
 //
 // Thread mapping (all kernels but delta): 4 or 8 warps; warp w owns rows 16w..16w+15 of the block's own
@@ -198,7 +198,6 @@ __device__ __forceinline__ float exp_logit(float z, float scale, float shift) {
     if constexpr (EXP2) return exp2f(fmaf(z, scale, -shift));
     else return __expf(scale * z - shift);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // forward

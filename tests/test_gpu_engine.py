@@ -11,6 +11,7 @@ to its baseline after close, also after exceptions.
 """
 import dataclasses
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -565,6 +566,33 @@ def test_sampling_and_hellaswag_match_the_cpu_model(backend, dtype, tol, flash):
     lowp = GPT(cfg, RoundedOps(), params=params).forward(seq)[0, :, :cfg.vocab_size].astype(np.float64)
     err, lowp_err = np.abs(logits - exact).max(), np.abs(lowp - exact).max()
     assert err <= 4 * lowp_err + 1e-3 * np.abs(exact).max(), f'logits: max error {err:.4g}, bf16 {lowp_err:.4g}'
+
+
+def test_benchmark_step_takes_host_tokens_as_training_does(backend, monkeypatch):
+    """scripts/bench_train.py's llmpy step (review WRONG-1) hands the engine the loader's NumPy tokens, as
+    train.py does: the encoder backward buckets the host copy (no device-to-host read and sync inside
+    the step), and the step gives the bits a step on device tokens gives."""
+    import sys
+
+    import llmpy.gpu
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_train
+    cfg, B, T = TINY, 2, 32
+    params, ((inp, tgt),) = make_params(cfg), make_batches(cfg, B, T)
+    seen = []
+    real = llmpy.gpu.encoder_backward
+    monkeypatch.setattr(llmpy.gpu, "encoder_backward",
+                        lambda *a, inp_host=None, **kw: (seen.append(inp_host), real(*a, inp_host=inp_host, **kw)))
+    import cupy as cp
+    results = []
+    for tokens in ((inp, tgt), (cp.asarray(inp), cp.asarray(tgt))):
+        with gpu_model(cfg, B, T, params, cuda_graph=True) as model:
+            loss, stamps = bench_train.llmpy_step(model, *tokens, 1, seed=1)
+            results.append((loss, model.params_f32()))
+    assert isinstance(seen[0], np.ndarray) and np.array_equal(seen[0], inp)   # the host copy, bucketed there
+    assert seen[1] is None                                                    # device tokens: read back
+    assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+    assert stamps[0] == stamps[1] <= stamps[2] <= stamps[3] <= stamps[4]     # forward_backward, no split
 
 
 # -------------------------------------------------------------------------------------------------

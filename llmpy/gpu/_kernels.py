@@ -155,10 +155,11 @@ def nvrtc_options(arch: int | str) -> tuple[str, ...]:
         "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
 
 
-def compile_offline_with_names(filename: str, arch: int | str,
-                               name_expressions: tuple[str, ...] | None = None) -> tuple[bytes, dict]:
+def compile_offline_with_names(filename: str, arch: int | str, name_expressions: tuple[str, ...] | None = None,
+                               *, extra_options: tuple[str, ...] = (), log: list | None = None) -> tuple[bytes, dict]:
     """Compile cuda/<filename> for sm_<arch> without a GPU or driver. Returns (cubin, lowered) where
-    lowered maps each name expression to its mangled symbol. Raises RuntimeError with NVRTC's log."""
+    lowered maps each name expression to its mangled symbol. Raises RuntimeError with NVRTC's log;
+    `log`, a list, gets the log of a compile that succeeded (ptxas' report with --ptxas-options=-v)."""
     from cupy_backends.cuda.libs import nvrtc
     exprs = NAME_EXPRESSIONS[filename] if name_expressions is None else tuple(name_expressions)
     path = CUDA_DIR / filename
@@ -167,14 +168,33 @@ def compile_offline_with_names(filename: str, arch: int | str,
         for e in exprs:
             nvrtc.addNameExpression(prog, e)
         try:
-            nvrtc.compileProgram(prog, list(nvrtc_options(arch)))
+            nvrtc.compileProgram(prog, list(nvrtc_options(arch)) + list(extra_options))
         except nvrtc.NVRTCError as err:
             raise RuntimeError(f"NVRTC failed on {filename} (sm_{arch}):\n"
                                f"{nvrtc.getProgramLog(prog)}") from err
+        if log is not None:
+            log.append(nvrtc.getProgramLog(prog))
         lowered = {e: nvrtc.getLoweredName(prog, e) for e in exprs}
         return nvrtc.getCUBIN(prog), lowered
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def resource_usage(filename: str, arch: int | str) -> dict[str, dict[str, int]]:
+    """{name expression (or kernel name): registers, stack, spill_stores, spill_loads} of every kernel in
+    cuda/<filename> for sm_<arch>, from ptxas' report through NVRTC (no GPU needed). Kernels that are
+    not templates are compiled whether listed or not, and appear under their own names."""
+    import re
+    log: list[str] = []
+    _, lowered = compile_offline_with_names(filename, arch, extra_options=("--ptxas-options=-v",), log=log)
+    by_symbol = {symbol: expr for expr, symbol in lowered.items()}
+    usage = {}
+    for m in re.finditer(r"Function properties for (\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads\n.*?Used (\d+) registers", log[0], re.S):
+        name = by_symbol.get(m[1]) or re.sub(r"^_Z\d+", "", m[1]).split("P", 1)[0]
+        usage[name] = {"registers": int(m[5]), "stack": int(m[2]), "spill_stores": int(m[3]),
+                       "spill_loads": int(m[4])}
+    return usage
 
 
 def compile_offline(filename: str, arch: int | str) -> bytes:
