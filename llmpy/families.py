@@ -159,11 +159,11 @@ def build_model(spec: str, tcfg, device: str, make_gpt, *, log=print):
                              "nanochat directory); GPT-2 trains with adamw")
         from llmpy.train import build_model as build_gpt
         return build_gpt(spec, make_gpt, tcfg.seq_len)
+    if device != "cpu":
+        raise LlmpyError(f"-e {spec}: nanochat models train on the CPU so far; use --device cpu")
     cfg, params = load_nanochat(spec)
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")
-    if device != "cpu":
-        raise LlmpyError(f"-e {spec}: nanochat models train on the CPU so far; use --device cpu")
     import llmpy.cpu as ops
     log(f"nanochat: n_layer={cfg.n_layer} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} n_embd={cfg.n_embd} "
         f"head_dim={cfg.head_dim}; optimizer {tcfg.optimizer}"
@@ -171,3 +171,14 @@ def build_model(spec: str, tcfg, device: str, make_gpt, *, log=print):
            if tcfg.optimizer == "muon" else ""))
     return NanoChat(cfg, ops, params=params, optimizer=tcfg.optimizer, muon_lr=tcfg.muon_lr,
                     peak_lr=tcfg.learning_rate)
+
+
+def load_for_inference(path: str, device: str, *, log=print) -> NanoChat:
+    """The nanochat model of a checkpoint directory (or descriptor), for sampling and evaluation."""
+    cfg, params = load_nanochat(path)
+    if device != "cpu":
+        raise LlmpyError(f"-e {path}: nanochat models run on the CPU so far; use --device cpu")
+    import llmpy.cpu as ops
+    log(f"model: {path} (nanochat n_layer={cfg.n_layer} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} "
+        f"n_embd={cfg.n_embd} sequence_len={cfg.sequence_len} V={cfg.vocab_size}), device: {device}")
+    return NanoChat(cfg, ops, params=params)

@@ -302,3 +302,72 @@ class NanoChat(FlatParamModel):
             else:
                 self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
+
+    # ---- sampling with a KV cache ------------------------------------------------------------------
+    def kv_cache(self, max_len: int) -> "KVCache":
+        """A key/value cache for generating up to max_len tokens (llmpy.sample.generate uses it)."""
+        return KVCache(self, max_len)
+
+
+class KVCache:
+    """Incremental decoding: each call feeds new tokens through the model, attending to the k and v of
+    every earlier position kept here (after RoPE and QK-norm), so a generated token costs one position's
+    work instead of a forward over the whole sequence. Multi-query / grouped-query attention shrinks the
+    cache by n_head / n_kv_head. Batch 1, NumPy (the CPU backend)."""
+
+    def __init__(self, model: NanoChat, max_len: int):
+        cfg = model.config
+        self.model, self.pos = model, 0
+        self.max_len = min(max_len, cfg.sequence_len)
+        shape = (cfg.n_layer, self.max_len, cfg.n_kv_head, cfg.head_dim)
+        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def feed(self, tokens) -> np.ndarray:
+        """Run the new tokens at positions pos, pos+1, ...; returns the softcapped logits (V,) after the
+        last of them."""
+        m, cfg = self.model, self.model.config
+        ops, p = m.ops, m.p
+        n, pos = len(tokens), self.pos
+        if pos + n > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {pos} + {n} tokens do not fit")
+        NH, NKV, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        cos, sin = m.cos[pos:pos + n], m.sin[pos:pos + n]
+
+        def norm(x):                                 # a new array; rstd is not needed without a backward
+            out = np.empty_like(x)
+            ops.rmsnorm_forward(out, np.empty(x.shape[:-1], np.float32), x)
+            return out
+
+        def linear(x, w):
+            out = np.empty(x.shape[:-1] + (w.shape[0],), np.float32)
+            ops.matmul_forward(out, x, w, None)
+            return out
+
+        emb = np.empty((1, n, C), np.float32)
+        ops.encoder_forward(emb, np.asarray(tokens, np.int32)[None], p["wte"], None)
+        x = norm(emb)
+        G = NH // NKV
+        future = np.triu(np.ones((n, pos + n), bool), k=pos + 1)     # new row i sees positions <= pos + i
+        for l in range(cfg.n_layer):
+            h = norm(x)
+            heads = {}
+            for name, H in (("q", NH), ("k", NKV)):
+                t = linear(h, p["c_" + name][l]).reshape(1, n, H, D)
+                ops.rope_forward(t, t, cos, sin)
+                heads[name] = norm(t)[0]
+            self.k[l, pos:pos + n] = heads["k"]
+            self.v[l, pos:pos + n] = linear(h, p["c_v"][l]).reshape(n, NKV, D)
+            q = heads["q"].reshape(n, NKV, G, D)
+            s = np.einsum("ikgd,jkd->kgij", q, self.k[l, :pos + n]) / np.float32(math.sqrt(D))
+            s[..., future] = -np.inf
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            y = np.einsum("kgij,jkd->ikgd", s, self.v[l, :pos + n]).reshape(1, n, C)
+            x = x + linear(y, p["attn_proj"][l])
+            f = linear(norm(x), p["c_fc"][l])
+            ops.relu2_forward(f, f)
+            x = x + linear(f, p["mlp_proj"][l])
+        logits = linear(norm(x)[:, -1:], p["lm_head"])[0, 0, :cfg.vocab_size]
+        ops.softcap_forward(logits, logits, SOFTCAP)
+        self.pos += n
+        return logits

@@ -13,6 +13,7 @@ from llmpy import families
 from llmpy.errors import LlmpyError
 from llmpy.model import carve
 from llmpy.nanochat import NanoChat, NanoChatConfig, init_params, param_shapes
+from test_train import logged, run_cli, shards, train_args  # noqa: F401  (shards: a fixture)
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -279,3 +280,74 @@ def test_missing_or_misshaped_tensors_name_the_file_and_tensor(rng, tmp_path):
     os.remove(weights)
     with pytest.raises(LlmpyError, match="model.safetensors: no such file"):
         families.load_model_dir(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# sampling: the KV cache gives the full forward's logits, and generate() the same tokens
+
+
+def test_kv_cache_matches_the_full_forward(rng):
+    from llmpy.rng import XorShiftStar
+    from llmpy.sample import generate
+    cfg = small_config(2)
+    model = NanoChat(cfg, ops, params=random_params(cfg, rng))
+    toks = rng.integers(0, cfg.vocab_size, 12).astype(np.int32)
+    full = model.forward(toks[None])[0, :, :cfg.vocab_size].copy()
+    cache = model.kv_cache(16)
+    rows = [cache.feed(toks[:5])] + [cache.feed([t]) for t in toks[5:]]
+    assert_rel(np.stack(rows), full[4:], 1e-5, "cached logits")
+    with pytest.raises(ValueError, match="holds 16 positions"):
+        cache.feed(toks[:5])
+
+    class NoCache:                                # the same model through generate()'s full-forward path
+        config, xp, forward = model.config, np, model.forward
+
+    with_cache = generate(model, [3, 7], 10, XorShiftStar(5))
+    assert with_cache == generate(NoCache(), [3, 7], 10, XorShiftStar(5))
+    assert len(with_cache) == 12
+
+
+# -------------------------------------------------------------------------------------------------
+# the trainer: -e a nanochat directory, --optimizer muon, grad accumulation, checkpoints, exact resume
+
+
+def test_train_resumes_exactly_and_samples(tmp_path, shards):
+    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
+    start = str(tmp_path / "start")
+    families.save_model_dir(start, cfg, init_params(cfg))
+    out = tmp_path / "run"
+    args = train_args(start, shards, out, 6, "-n", "3", "-d", "128", "--optimizer", "muon", "--muon-lr", "0.05")
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "optimizer muon" in r.stdout and "accum=2" in r.stdout
+    first = logged(out, "train")
+    assert first[-1][1] < first[0][1] - 0.3, first                  # it learns the repeating pattern
+    assert sorted(os.listdir(out / "model_00000006")) == ["config.json", "model.safetensors"]
+    final = (out / "model_00000006" / "model.safetensors").read_bytes()
+    (out / "DONE_00000006").unlink()
+    r = run_cli(args + ["-y", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "model_00000003" in r.stdout
+    assert logged(out, "train")[6:] == first[3:], "resumed losses must equal the uninterrupted run's exactly"
+    assert (out / "model_00000006" / "model.safetensors").read_bytes() == final
+
+    import argparse
+    from llmpy.commands import sample_command
+    sample = argparse.Namespace(model=str(out / "model_00000006"), prompt="", num_tokens=5, temperature=1.0,
+                                top_k=0, seed=1, device="cpu")
+    tokens = sample_command(sample, out=open(os.devnull, "w"))
+    assert len(tokens) == 6 and tokens[0] == 2047 and max(tokens) < 2048       # from EOT clipped to V - 1
+    assert sample_command(sample, out=open(os.devnull, "w")) == tokens         # same seed, same tokens
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-e", "nanochat:d2", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["-e", "d6", "--optimizer", "muon"], "--optimizer muon trains nanochat models"),
+    (["-e", "nanochat:x2"], "-e nanochat:x2: expected nanochat:dN"),
+    (["-e", "nanochat:d4:kv3"], "-e nanochat:d4:kv3: n_head 2 is not divisible by n_kv_head 3"),
+    (["-e", "nanochat:d2", "-t", "2048"], "-t/--seq-len 2048 exceeds the model's sequence_len 1024"),
+])
+def test_bad_flags_are_one_line(tmp_path, shards, args, needle):
+    r = run_cli(["train", "--device", "cpu", "-x", "1", "-i", shards[0], "-j", shards[1], *args], tmp_path)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
