@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmpy.cpu.rope import rope_tables
+from llmpy.errors import LlmpyError
 from llmpy.model import FlatParamModel, carve
 
 SOFTCAP = 15.0
@@ -302,6 +303,18 @@ class NanoChat(FlatParamModel):
             else:
                 self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
+
+    def load_optimizer_state(self, state: dict):
+        """Restore m and v from a state file, refusing one written by the other optimizer: Muon leaves v
+        zero on the block matrices, AdamW does not (once it has taken a step, which wte's v shows)."""
+        v = carve(np.asarray(state["v"], dtype=np.float32), self.shapes)
+        stepped = bool(v["wte"].any())
+        muon_state = stepped and not any(v[name].any() for name in MATRICES)
+        if stepped and muon_state != (self.optimizer == "muon"):
+            written = "muon" if muon_state else "adamw"
+            raise LlmpyError(f"--optimizer {self.optimizer}: the checkpoint's optimizer state was written by "
+                             f"{written}; resume with --optimizer {written}")
+        super().load_optimizer_state(state)
 
     # ---- sampling with a KV cache ------------------------------------------------------------------
     def kv_cache(self, max_len: int) -> "KVCache":

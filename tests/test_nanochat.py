@@ -331,6 +331,10 @@ def test_train_resumes_exactly_and_samples(tmp_path, shards):
     assert logged(out, "train")[6:] == first[3:], "resumed losses must equal the uninterrupted run's exactly"
     assert (out / "model_00000006" / "model.safetensors").read_bytes() == final
 
+    r = run_cli(args[:-4] + ["--optimizer", "adamw", "-y", "1", "-x", "9"], tmp_path)   # the other optimizer
+    assert r.returncode == 1 and "--optimizer adamw: the checkpoint's optimizer state was written by muon" \
+        in r.stderr, r.stderr
+
     import argparse
     from llmpy.commands import sample_command
     sample = argparse.Namespace(model=str(out / "model_00000006"), prompt="", num_tokens=5, temperature=1.0,
@@ -351,3 +355,21 @@ def test_bad_flags_are_one_line(tmp_path, shards, args, needle):
     r = run_cli(["train", "--device", "cpu", "-x", "1", "-i", shards[0], "-j", shards[1], *args], tmp_path)
     assert r.returncode != 0 and needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_state_of_the_other_optimizer_is_refused(rng):
+    cfg = small_config(2)
+    flat = random_params(cfg, rng)
+    states = {}
+    for optimizer in ("adamw", "muon"):
+        model = NanoChat(cfg, ops, params=flat, optimizer=optimizer)
+        model.load_optimizer_state(model.optimizer_state())            # before any step: either is fine
+        model.zero_grad()
+        model.forward_backward(*batch(cfg, rng), 1.0 / (B * T))
+        model.update(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, t=1)
+        states[optimizer] = model.optimizer_state()
+        model.load_optimizer_state(states[optimizer])                   # its own: fine
+    with pytest.raises(LlmpyError, match="--optimizer muon: .* written by adamw; resume with --optimizer adamw"):
+        NanoChat(cfg, ops, optimizer="muon").load_optimizer_state(states["adamw"])
+    with pytest.raises(LlmpyError, match="--optimizer adamw: .* written by muon"):
+        NanoChat(cfg, ops, optimizer="adamw").load_optimizer_state(states["muon"])
