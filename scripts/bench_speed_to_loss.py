@@ -1,6 +1,6 @@
 """Speed to loss on the CPU: nanochat's GPT (AdamW, Muon) against GPT-2 of about the same size.
 
-    python scripts/bench_speed_to_loss.py --out scripts/results/cpu            # a few minutes on 2 cores
+    python scripts/bench_speed_to_loss.py --out scripts/results/cpu            # a few minutes, 1 thread
     python scripts/bench_speed_to_loss.py --quick --out out/stl                # seconds: a smoke test
 
 Data: the embedded default corpus (llmpy/corpus.py prepare_default), GPT-2 tokens remapped to a small
@@ -22,16 +22,25 @@ DIR/speed_to_loss.json and DIR/speed_to_loss.png. Timings are only comparable on
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
+# BLAS reads its thread count once, when NumPy is imported: set it first (--threads, default 1). On a
+# shared, oversubscribed machine OpenBLAS's threads spin against each other and small GEMMs (Muon's
+# Newton-Schulz products above all) slow down tenfold; one thread per run keeps the comparison fair.
+if __name__ == "__main__":
+    _threads = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--threads"), "1")
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _threads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,6 +157,7 @@ def main(argv=None):
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--timing-reps", type=int, default=10)
+    p.add_argument("--threads", default="1", help="BLAS threads (read before NumPy loads)")
     args = p.parse_args(argv)
     if args.quick:
         args.depth, args.width, args.heads, args.vocab, args.steps, args.val_every = 1, 32, 2, 512, 6, 3
