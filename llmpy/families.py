@@ -161,6 +161,8 @@ def build_model(spec: str, tcfg, device: str, make_gpt, *, log=print):
         return build_gpt(spec, make_gpt, tcfg.seq_len)
     if device != "cpu":
         raise LlmpyError(f"-e {spec}: nanochat models train on the CPU so far; use --device cpu")
+    if tcfg.zero_stage > 0:   # ZeRO-1 slices GPT-2's tensors; Muon needs whole matrices (llmpy/nanochat.py)
+        raise LlmpyError(f"-z/--zero-stage {tcfg.zero_stage}: nanochat models train with -z 0 so far")
     cfg, params = load_nanochat(spec)
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")

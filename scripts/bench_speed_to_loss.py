@@ -17,7 +17,9 @@ Runs (each the real trainer, llmpy.train.train, same batches, same schedule: lin
                   the nanochat model's (the nanochat model's untied head counts in its total)
 Reported: the val-loss curves (one PNG), the final val loss of each, the ms per step of each run's
 steps (median, after the first), and a separate interleaved step-time measurement (ABAB... so machine
-load affects both alike) of the nanochat model against the same-size GPT-2. Writes
+load affects each alike) of the nanochat model (AdamW and Muon steps) against the same-size GPT-2.
+--sweep adds runs at other learning rates (AdamW lr / 3 and x 3.3 for nanochat-adamw and gpt2, Muon lr
+/ 2 and x 2 for nanochat-muon): final val losses only, so that no model is judged at a bad lr. Writes
 DIR/speed_to_loss.json and DIR/speed_to_loss.png. Timings are only comparable on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -158,6 +160,7 @@ def main(argv=None):
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--timing-reps", type=int, default=10)
     p.add_argument("--threads", default="1", help="BLAS threads (read before NumPy loads)")
+    p.add_argument("--sweep", action="store_true", help="also runs at other learning rates (final val only)")
     args = p.parse_args(argv)
     if args.quick:
         args.depth, args.width, args.heads, args.vocab, args.steps, args.val_every = 1, 32, 2, 512, 6, 3
@@ -185,7 +188,21 @@ def main(argv=None):
             "nanochat-muon": run("nanochat-muon", nc_dir, data, args, tmp, optimizer="muon", muon_lr=args.muon_lr),
             "gpt2": run("gpt2", g2_path, data, args, tmp),
         }
-        models = {"nanochat": NanoChat(nc, ops, params=nanochat_init(nc)), "gpt2": GPT(g2, ops, params=gpt_init(g2))}
+        sweep = {}
+        if args.sweep:
+            base_lr, base_muon = args.lr, args.muon_lr
+            for scale in (1 / 3, 10 / 3):
+                args.lr = base_lr * scale
+                for name, spec in (("nanochat-adamw", nc_dir), ("gpt2", g2_path)):
+                    sweep[f"{name} lr={args.lr:.2g}"] = run(f"{name}-lr{args.lr:.2g}", spec, data, args, tmp)["val"][-1][1]
+            args.lr = base_lr
+            for muon_lr in (base_muon / 2, base_muon * 2):
+                sweep[f"nanochat-muon muon_lr={muon_lr:.2g}"] = run(f"nanochat-muon-{muon_lr:.2g}", nc_dir, data, args,
+                                                                   tmp, optimizer="muon", muon_lr=muon_lr)["val"][-1][1]
+        models = {"nanochat": NanoChat(nc, ops, params=nanochat_init(nc)),
+                  "nanochat-muon": NanoChat(nc, ops, params=nanochat_init(nc), optimizer="muon",
+                                            muon_lr=args.muon_lr, peak_lr=args.lr),
+                  "gpt2": GPT(g2, ops, params=gpt_init(g2))}
         timing = interleaved_step_times(models, args, args.timing_reps)
     meta = {"vocab": args.vocab, "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
             "steps": args.steps, "lr": args.lr, "muon_lr": args.muon_lr, "warmup": args.warmup,
@@ -194,7 +211,8 @@ def main(argv=None):
                             "max_seq_len": g2.max_seq_len, "padded_vocab_size": g2.padded_vocab_size}}
     for name, t in timing.items():
         print(f"step time (interleaved, median of {args.timing_reps}): {name} {t['ms_median']:.1f} ms")
-    report = {"meta": meta, "runs": results, "step_time_interleaved": timing, **bu.run_metadata("cpu", argv)}
+    report = {"meta": meta, "runs": results, "step_time_interleaved": timing, "lr_sweep_final_val": sweep,
+              **bu.run_metadata("cpu", argv)}
     bu.write_json(out / "speed_to_loss.json", report)
     plot(results, meta, out / "speed_to_loss.png")
     print(f"wrote {out / 'speed_to_loss.json'} and {out / 'speed_to_loss.png'}")

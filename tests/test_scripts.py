@@ -141,5 +141,5 @@ def test_bench_speed_to_loss_quick(tmp_path):
     assert runs["nanochat-adamw"]["val"][0] == runs["nanochat-muon"]["val"][0]      # same model, same data
     params = meta["params"]
     assert abs(params["gpt2"] - params["nanochat-adamw"]) < 0.3 * params["nanochat-adamw"]
-    assert set(result["step_time_interleaved"]) == {"nanochat", "gpt2"}
+    assert set(result["step_time_interleaved"]) == {"nanochat", "nanochat-muon", "gpt2"}
     assert (tmp_path / "speed_to_loss.png").stat().st_size > 10_000
