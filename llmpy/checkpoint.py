@@ -10,6 +10,7 @@ written last, so a directory never advertises a half-written checkpoint (§2.1, 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -218,6 +219,17 @@ def model_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"model_{step:08d}.bin")
 
 
+def model_dir_path(out_dir: str, step: int) -> str:
+    """The checkpoint directory of model families other than GPT-2 (llmpy/families.py)."""
+    return os.path.join(out_dir, f"model_{step:08d}")
+
+
+def saved_model_path(out_dir: str, step: int) -> str:
+    """Where step's model was written: its directory if there is one, else the .bin file."""
+    path = model_dir_path(out_dir, step)
+    return path if os.path.isdir(path) else model_path(out_dir, step)
+
+
 def state_path(out_dir: str, step: int, rank: int = 0) -> str:
     return os.path.join(out_dir, f"state_{step:08d}_{rank:05d}.bin")
 
@@ -249,7 +261,10 @@ def write_checkpoint(out_dir: str, step: int, cfg: GPTConfig, params, *, dtype: 
     several processes pass done=False and call `mark_done` on rank 0 after a barrier, as llm.c does.
     """
     os.makedirs(out_dir, exist_ok=True)
-    if rank == 0:
+    if rank == 0 and not isinstance(cfg, GPTConfig):    # another family's directory format
+        from llmpy.families import save_model_dir
+        save_model_dir(model_dir_path(out_dir, step), cfg, params)
+    elif rank == 0:
         save_model(model_path(out_dir, step), cfg, params, dtype=dtype)
     save_state(state_path(out_dir, step, rank), step=step, num_processes=num_processes, rank=rank, **state)
     if rank == 0 and done:
@@ -273,4 +288,6 @@ def prune_checkpoints(out_dir: str, step: int, every: int, keep: int, major_ever
     for p in paths + [state_path(out_dir, old, rank)]:
         if os.path.exists(p):
             os.remove(p)
+    if rank == 0 and os.path.isdir(model_dir_path(out_dir, old)):
+        shutil.rmtree(model_dir_path(out_dir, old))
     return old

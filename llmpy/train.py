@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmpy import checkpoint
+from llmpy import checkpoint, families
 from llmpy.data import DataLoader
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
@@ -36,7 +36,8 @@ class TrainConfig:
     train_data: str = flag("-i", "", "train token shards (glob); empty: the embedded default corpus")
     val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split")
     model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN "
-                                "(empty: d12)")
+                                "(empty: d12); nanochat: a directory with config.json + model.safetensors "
+                                "or nanochat:dN[:kvK]")
     output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl and checkpoints")
     # checkpoints
     checkpoint_every: int = flag("-n", 0, "write a checkpoint every N steps (0: never)")
@@ -55,6 +56,9 @@ class TrainConfig:
     warmup_steps: int = flag("-u", 0, "linear warmup steps")
     final_lr_frac: float = flag("-q", 1.0, "final learning rate as a fraction of the peak")
     weight_decay: float = flag("-c", 0.0, "AdamW weight decay (2-D weights only)")
+    optimizer: str = flag("", "adamw", "adamw, or muon for nanochat models (Muon on the block matrices, "
+                                       "AdamW on wte and lm_head)", choices=("adamw", "muon"))
+    muon_lr: float = flag("", 0.02, "Muon's peak learning rate (the -k schedule scales it like -l)")
     skip_loss_z: float = flag("-sl", 0.0, "skip the update when the loss z-score exceeds this (0: off)")
     skip_norm_z: float = flag("-sg", 0.0, "skip the update when the grad-norm z-score exceeds this (0: off)")
     # evaluation
@@ -278,9 +282,9 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     resume_step = checkpoint.latest_done_step(cfg.output_dir) if cfg.resume else None
     model_spec = cfg.model or "d12"
     if resume_step is not None:
-        model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
+        model_spec = checkpoint.saved_model_path(cfg.output_dir, resume_step)
         log(f"resuming from {model_spec} (step {resume_step})")
-    with build_model(model_spec, make_model, cfg.seq_len) as model:
+    with families.build_model(model_spec, cfg, device, make_model, log=log) as model:
         return _train_loop(cfg, model, train_pat, val_pat, resume_step, log)
 
 
@@ -412,7 +416,7 @@ def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, 
                                 rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict())
     checkpoint.prune_checkpoints(cfg.output_dir, step, cfg.checkpoint_every, cfg.checkpoints_keep,
                                  cfg.major_checkpoint_every)
-    log(f"checkpoint: {checkpoint.model_path(cfg.output_dir, step)}")
+    log(f"checkpoint: {checkpoint.saved_model_path(cfg.output_dir, step)}")
 
 
 def _tokenizer(log):

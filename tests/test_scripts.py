@@ -7,6 +7,7 @@ in a subprocess, as a user would run it, with one BLAS thread (multi-threaded BL
 machine is erratic and slow).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -213,3 +214,21 @@ def test_first_contact_stops_loudly_without_nvmath(tmp_path):
     assert [s["status"] for s in summary["steps"]] == ["failed"] + ["not run"] * 6
     proc = _first_contact("--cap", "bogus=3")
     assert proc.returncode == 2 and "--cap bogus=3: expected STEP=SECONDS" in proc.stderr
+
+
+def test_bench_speed_to_loss_quick(tmp_path):
+    run_script("bench_speed_to_loss.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "speed_to_loss.json").read_text())
+    runs, meta = result["runs"], result["meta"]
+    assert set(runs) == {"nanochat-adamw", "nanochat-muon", "gpt2"}
+    for name, r in runs.items():
+        steps = [s for s, _ in r["val"]]
+        assert steps == list(range(0, meta["steps"] + 1, 3)), name
+        assert r["val"][-1][1] < r["val"][0][1], f"{name}: val loss must fall"
+    # nanochat's lm_head starts at std 0.001: its first val loss is that of uniform logits, ln V
+    assert abs(runs["nanochat-muon"]["val"][0][1] - math.log(meta["vocab"])) < 0.01
+    assert runs["nanochat-adamw"]["val"][0] == runs["nanochat-muon"]["val"][0]      # same model, same data
+    params = meta["params"]
+    assert abs(params["gpt2"] - params["nanochat-adamw"]) < 0.3 * params["nanochat-adamw"]
+    assert set(result["step_time_interleaved"]) == {"nanochat", "nanochat-muon", "gpt2"}
+    assert (tmp_path / "speed_to_loss.png").stat().st_size > 10_000

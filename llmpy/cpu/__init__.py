@@ -14,6 +14,6 @@ from llmpy.cpu.muon import muon_update, newton_schulz  # noqa: F401
 from llmpy.cpu.relu2 import relu2_backward, relu2_forward  # noqa: F401
 from llmpy.cpu.residual import residual_forward  # noqa: F401
 from llmpy.cpu.rmsnorm import fused_residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward  # noqa: F401
-from llmpy.cpu.rope import rope_backward, rope_forward, rope_tables  # noqa: F401
+from llmpy.cpu.rope import rope_backward, rope_forward  # noqa: F401
 
 NAME = "cpu"
