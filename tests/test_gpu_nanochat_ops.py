@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import llmpy.cpu
+from llmpy.cpu.rope import rope_tables
 import test_gpu_ops
 from test_gpu_ops import STORAGE, Case, _normal, _params_of, check_case
 
@@ -32,7 +33,7 @@ def make_rmsnorm(rng, N, C):
 
 
 def make_rope(rng, B, T, H, D, maxT):
-    cos, sin = llmpy.cpu.rope_tables(maxT, D, dtype=np.float64)
+    cos, sin = rope_tables(maxT, D, dtype=np.float64)
     return {"out": _normal(rng, B, T, H, D), "inp": _normal(rng, B, T, H, D), "cos": cos, "sin": sin,
             "dout": _normal(rng, B, T, H, D), "dinp": _normal(rng, B, T, H, D)}
 
