@@ -1,0 +1,276 @@
+"""Data-parallel training (llmpy/dist): llm.c's multi-GPU design on the CPU over MPI, checked the way CI can.
+
+References: NumPy for the collectives; a one-process run with the whole global batch for the
+multi-process trainer (llm.c's data offsets make the rows identical, so losses agree to float
+rounding); the uninterrupted run for kill-and-resume. Multi-process cases run `mpiexec -n N` (MPICH
+from the `dist` extra) in a subprocess with a timeout, so a hang fails the test instead of the suite.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmpy.dist.comm import RankAgreedError, SingleProcess
+from llmpy.dist.zero import DataParallel, shard_layout
+from llmpy.errors import LlmpyError
+from llmpy.model import GPTConfig, num_parameters, param_shapes
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+TINY = GPTConfig(max_seq_len=64, vocab_size=50257, padded_vocab_size=50304, num_layers=2, num_heads=2, channels=32)
+TIMEOUT = 180      # seconds for one mpiexec job: far above the few seconds they take, far below CI's limit
+
+
+def mpiexec():
+    """The venv's mpiexec (the MPICH wheel of the `dist` extra), or skip."""
+    pytest.importorskip("mpi4py")
+    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(exe):
+        exe = shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("no mpiexec (install the dist extra: pip install -e .[dist])")
+    return exe
+
+
+def run(argv, cwd, n=None, timeout=TIMEOUT):
+    """argv (after `python`) in a subprocess, under `mpiexec -n n` when n is given."""
+    env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork", MPIR_CVAR_CH4_PROGRESS_THROTTLE="1")
+    for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):   # a launcher of our own
+        env.pop(var, None)
+    cmd = [sys.executable, *argv] if n is None else [mpiexec(), "-n", str(n), sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+# -------------------------------------------------------------------------------------------------
+# The shard layout (no processes)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shards_cover_every_slice_once_in_llmc_order(world):
+    shapes = param_shapes(TINY)
+    layouts = [shard_layout(shapes, r, world) for r in range(world)]
+    for r, layout in enumerate(layouts):
+        assert [s.name for s in layout] == list(shapes)
+        assert sum(s.layers * s.piece for s in layout) == num_parameters(TINY) // world
+        offset = 0
+        for s in layout:                      # tensor-major, then layer, then the rank's piece (llm.c)
+            assert s.offset == offset and s.piece * world == s.size and s.lo == r * s.piece
+            assert s.layers == (1 if s.name in ("wte", "wpe", "lnfw", "lnfb") else TINY.num_layers)
+            offset += s.layers * s.piece
+    for name in shapes:                       # the ranks' pieces tile each slice exactly
+        pieces = sorted((layout[i].lo, layout[i].hi) for layout in layouts
+                        for i in [list(shapes).index(name)])
+        assert pieces[0][0] == 0 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        assert pieces[-1][1] == layouts[0][list(shapes).index(name)].size
+
+
+def test_shards_refuse_an_uneven_split():
+    with pytest.raises(ValueError, match="tensor wpe: a slice of 2048 elements does not split over 3 ranks"):
+        shard_layout(param_shapes(TINY), 0, 3)
+
+
+def test_one_process_stage_1_is_the_stage_0_step():
+    """ZeRO-1's sharded AdamW on one rank (the full pieces) gives the model's own update bit for bit."""
+    import llmpy.cpu as cpu
+    from llmpy.model import GPT
+    from llmpy.rng import init_params
+    cfg = GPTConfig(max_seq_len=16, vocab_size=60, padded_vocab_size=64, num_layers=2, num_heads=2, channels=16)
+    params = np.empty(num_parameters(cfg), dtype=np.float32)
+    init_params(cfg, params)
+    tokens = np.random.default_rng(0).integers(0, 60, size=(2, 17)).astype(np.int32)
+    results = []
+    for stage in (0, 1):
+        model = GPT(cfg, cpu, params=params)
+        dp = DataParallel(model, SingleProcess(), stage, log=lambda *a: None)
+        for t in (1, 2):
+            model.zero_grad()
+            model.forward_backward(tokens[:, :-1], tokens[:, 1:], 1.0 / 32)
+            dp.reduce_gradients()
+            norm = dp.grad_norm()
+            dp.update(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=t, grad_scale=0.5)
+        results.append((norm, model.params.copy(), dp.optimizer_state()))
+    (n0, p0, s0), (n1, p1, s1) = results
+    assert n1 == pytest.approx(n0, rel=1e-6)
+    np.testing.assert_array_equal(p1, p0)
+    np.testing.assert_array_equal(s1["m"], s0["m"])
+    np.testing.assert_array_equal(s1["v"], s0["v"])
+
+
+# -------------------------------------------------------------------------------------------------
+# Bootstrap: flags, and the id exchange of each init method
+
+
+def test_process_flags_are_checked_before_anything_starts():
+    from llmpy.dist.init import init_processes
+    from llmpy.train import TrainConfig
+    quiet = dict(log=lambda *a: None)
+    assert isinstance(init_processes(TrainConfig(), "cpu", **quiet), SingleProcess)   # no launcher: no MPI
+    with pytest.raises(LlmpyError, match=r"-pn 2 with -pi mpi: start the processes with `mpiexec -n 2"):
+        init_processes(TrainConfig(num_processes=2), "cpu", **quiet)
+    with pytest.raises(LlmpyError, match="-pi tcp needs -ps/--server-addr"):
+        init_processes(TrainConfig(init_method="tcp", num_processes=2, process_rank=1), "cuda", **quiet)
+    with pytest.raises(LlmpyError, match="-pr/--process-rank 2: need"):
+        init_processes(TrainConfig(init_method="fs", num_processes=2, process_rank=2, fs_path="x"), "cpu", **quiet)
+    with pytest.raises(RankAgreedError, match="the CPU backend's collectives run over MPI"):
+        init_processes(TrainConfig(init_method="fs", num_processes=2, process_rank=1, fs_path="x"), "cpu", **quiet)
+
+
+EXCHANGE = """
+import sys
+from llmpy.dist import init
+method, rank, n, where = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+uid = bytes(range(7, 135)) if rank == 0 else None          # rank 0's 128-byte id
+if method == "tcp":
+    got = init.exchange_tcp(uid, rank, n, where, timeout=60)
+else:
+    got = init.exchange_fs(uid, rank, n, where, "run42", timeout=60)
+print(got.hex())
+"""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["tcp", "fs"])
+def test_id_exchange_reaches_every_rank(method, tmp_path):
+    """Three plain processes (as a scheduler starts them, no MPI); clients first, so they must wait.
+    fs: a stale id file of another run key is never read, and the run leaves no files behind."""
+    n = 3
+    where = f"127.0.0.1:{_free_port()}" if method == "tcp" else str(tmp_path / "ids")
+    if method == "fs":
+        os.makedirs(where)
+        (tmp_path / "ids" / "llmpy_nccl_id.run41.sync").write_bytes(bytes(128))   # an old run's id
+    env = dict(os.environ, PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, "-c", EXCHANGE, method, str(r), str(n), where], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (2, 1, 0)]
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert [out.strip() for out, _ in outs] == [bytes(range(7, 135)).hex()] * n
+    if method == "fs":
+        assert sorted(os.listdir(where)) == ["llmpy_nccl_id.run41.sync"]
+
+
+def test_tcp_exchange_gives_up_with_a_message():
+    from llmpy.dist.init import exchange_tcp
+    with pytest.raises(LlmpyError, match=r"-pi tcp: ranks \[1\] did not connect to 127.0.0.1:\d+ within 1 s"):
+        exchange_tcp(bytes(128), 0, 2, f"127.0.0.1:{_free_port()}", timeout=1)
+    with pytest.raises(LlmpyError, match=r"-pi tcp: rank 1 could not reach rank 0"):
+        exchange_tcp(None, 1, 2, f"127.0.0.1:{_free_port()}", timeout=0.5)
+
+
+def test_mpi_collectives_and_bootstrap_on_two_ranks(tmp_path):
+    r = run([os.path.join(TESTS, "dist_worker.py"), "collectives"], tmp_path, n=2)
+    assert r.returncode == 0 and "ok0" in r.stdout and "ok1" in r.stdout, r.stderr
+    r = run([os.path.join(TESTS, "dist_worker.py"), "bootstrap"], tmp_path, n=2)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"name": "mpi", "rank": k, "size": 2, "local": k} for k in (0, 1)]
+
+
+def test_a_failing_rank_ends_the_job(tmp_path):
+    r = run([os.path.join(TESTS, "dist_worker.py"), "fail_on_rank_1"], tmp_path, n=2, timeout=60)
+    assert r.returncode != 0 and "passed the barrier" not in r.stdout
+    assert ("llmpy train: error on rank 1 of 2: state_00000004_00001.bin: truncated; ending all 2 processes"
+            in r.stderr), r.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# The trainer on two processes: `mpiexec -n 2 python -m llmpy train --device cpu ...`
+
+
+@pytest.fixture
+def data(tmp_path):
+    """test_train.py's tiny model file and token shards (three train shards, shuffled by the trainer)."""
+    import test_train
+    train, val = test_train.shards.__wrapped__(tmp_path)
+    return test_train.write_tiny_model(tmp_path / "tiny.bin"), train, val
+
+
+def train_args(data, out, B, steps, *extra):
+    model, train, val = data
+    return ["-m", "llmpy", "train", "--device", "cpu", "-e", model, "-i", train, "-j", val, "-b", str(B), "-t", "32",
+            "-x", str(steps), "-v", "3", "-m", "2", "-s", "0", "-l", "3e-3", "-u", "2", "-q", "0.1", "-c", "0.1",
+            "-o", str(out), *extra]
+
+
+def logged(out, split="train"):
+    import test_train
+    return test_train.logged(out, split)
+
+
+def final_params(out, step):
+    from llmpy.checkpoint import load_model, model_path
+    return load_model(model_path(str(out), step))[1]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_two_processes_match_one_process_with_the_whole_batch(stage, data, tmp_path):
+    """2 ranks x B=2 read the rows of 1 rank x B=4 (llm.c's offsets, one shuffle seed): the same losses
+    step for step (validation included) and the same final parameters, up to float rounding."""
+    from llmpy.cli import main
+    assert main(train_args(data, tmp_path / "one", 4, 6, "-n", "6")[2:]) == 0
+    r = run(train_args(data, tmp_path / "two", 2, 6, "-n", "6", "-z", str(stage)), tmp_path, n=2)
+    assert r.returncode == 0, r.stderr
+    assert f"data parallel: 2 processes (mpi), ZeRO stage {stage}" in r.stdout
+    assert r.stdout.count("step    1/6") == 1, "rank 1 must not log"
+    for split in ("train", "val"):
+        one, two = logged(tmp_path / "one", split), logged(tmp_path / "two", split)
+        assert [s for s, _ in two] == [s for s, _ in one] and len(one) == (6 if split == "train" else 3)
+        np.testing.assert_allclose([x for _, x in two], [x for _, x in one], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(final_params(tmp_path / "two", 6), final_params(tmp_path / "one", 6), atol=1e-5, rtol=0)
+    assert sorted(p for p in os.listdir(tmp_path / "two") if p.startswith("state_")) == \
+        ["state_00000006_00000.bin", "state_00000006_00001.bin"]
+
+
+def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):
+    """ZeRO-1 on 2 ranks, a checkpoint every 4 steps: the job is killed after step 4's checkpoint, `-y 1`
+    replays steps 4..7 with the uninterrupted run's losses and writes the same model. Then `-y 1` on 3
+    processes is one line naming both counts, and a rank whose state file is bad ends the whole job."""
+    import signal
+    import time
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = run(train_args(data, whole, 2, 8, "-n", "4", "-z", "1"), tmp_path, n=2)
+    assert r.returncode == 0, r.stderr
+    expected = logged(whole)
+
+    env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork")
+    job = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, *train_args(data, killed, 2, 8, "-n", "4", "-z", "1")],
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (killed / "DONE_00000004").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    for name in ("DONE_00000008", "model_00000008.bin"):   # had the job been faster than the kill
+        if (killed / name).exists():
+            (killed / name).unlink()
+    assert {"state_00000004_00000.bin", "state_00000004_00001.bin", "model_00000004.bin"} <= set(os.listdir(killed))
+
+    r = run(train_args(data, killed, 2, 8, "-n", "4", "-z", "1", "-y", "1"), tmp_path, n=2)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "model_00000004.bin" in r.stdout
+    rows = logged(killed)
+    resumed = rows[max(i for i, (s, _) in enumerate(rows) if s == 4):]
+    assert resumed == expected[4:], f"{resumed} != {expected[4:]}"
+    assert (killed / "model_00000008.bin").read_bytes() == (whole / "model_00000008.bin").read_bytes()
+
+    r = run(train_args(data, whole, 2, 8, "-n", "4", "-z", "1", "-y", "1"), tmp_path, n=3)
+    assert r.returncode != 0
+    assert r.stderr.strip() == (f"llmpy train: error: -y 1: the checkpoint at step 8 in {whole} was written by 2 "
+                                "processes, this run has 3; resume with 2 (mpiexec -n 2 or -pn 2)")
+
+    state = killed / "state_00000008_00001.bin"
+    state.write_bytes(state.read_bytes()[:-4])              # rank 1's file is cut short
+    r = run(train_args(data, killed, 2, 9, "-n", "4", "-z", "1", "-y", "1"), tmp_path, n=2, timeout=60)
+    assert r.returncode != 0
+    line = next(x for x in r.stderr.splitlines() if x.startswith("llmpy train:"))
+    assert line.startswith(f"llmpy train: error on rank 1 of 2: {state}: ") and \
+        line.endswith("truncated or corrupt; ending all 2 processes"), r.stderr
