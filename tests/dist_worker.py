@@ -64,5 +64,32 @@ def fail_on_rank_1():
     print("rank 0 passed the barrier: the failure did not end the job")
 
 
+
+
+def emulated_gpu_train(library, *argv):
+    """`llmpy train --device cuda ...` on the kernel emulator (library: its built .so), NCCL replaced by
+    tests/emu_nccl.py. Under mpiexec the ranks meet over MPI and reduce over the stand-in; rank 0 writes
+    the stand-in's call counts next to the run's log."""
+    import pytest
+
+    import cuda_emu
+    import emu_nccl
+    import llmpy.dist.nccl
+    from llmpy.cli import main
+    emu = cuda_emu.Emulator(library)
+    with pytest.MonkeyPatch.context() as mp, emu.installed(mp):
+        mp.setattr("llmpy.train.resolve_device", lambda requested: "cuda")
+        mp.setattr(llmpy.dist.nccl, "cupy_nccl", lambda: emu_nccl)
+        mp.setattr(llmpy.dist.nccl.NcclComm, "use_device", staticmethod(lambda index: None))
+        rc = main(["train", "--device", "cuda", *argv])
+    out = argv[argv.index("-o") + 1]
+    if rc == 0 and os.environ.get("PMI_RANK", "0") == "0":
+        with open(os.path.join(out, "nccl_calls.json"), "w") as f:
+            json.dump([[*k, v] for k, v in emu_nccl.calls.items()], f)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    {"collectives": collectives, "bootstrap": bootstrap, "fail_on_rank_1": fail_on_rank_1}[sys.argv[1]](*sys.argv[2:])
+    cases = {"collectives": collectives, "bootstrap": bootstrap, "fail_on_rank_1": fail_on_rank_1,
+             "emulated_gpu_train": emulated_gpu_train}
+    cases[sys.argv[1]](*sys.argv[2:])
