@@ -365,8 +365,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
             log(f"val loss {val_loss:.6f}")
             runlog.write(f"s:{step} tel:{val_loss:.4f}", {"step": step, "split": "val", "loss": val_loss})
         if cfg.hellaswag and ((step > 0 and cfg.val_every > 0 and step % cfg.val_every == 0) or last):
-            from llmpy.hellaswag import evaluate_hellaswag
-            acc = evaluate_hellaswag(model, B, T, log=log)
+            acc = dp.hellaswag(B, T, log=log)
             runlog.write(f"s:{step} eval:{acc:.4f}", {"step": step, "split": "hellaswag", "acc": acc})
         if rank == 0 and cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
             _print_sample(model, tokenizer, cfg, log)

@@ -18,6 +18,7 @@ from llmpy.dist.comm import RankAgreedError, SingleProcess
 from llmpy.dist.zero import DataParallel, shard_layout
 from llmpy.errors import LlmpyError
 from llmpy.model import GPTConfig, num_parameters, param_shapes
+from llmpy.testing import requires_gpu
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -246,8 +247,8 @@ def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):
 
     env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork")
     argv = train_args(data, killed, 2, 8, "-n", "4", "-z", "1")
-    job = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, *argv], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, *argv], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     while not (killed / "DONE_00000004").exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -327,3 +328,68 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
         assert np.abs(two - one).max() <= 2 * np.abs(one - cpu).max() + 1e-6, (split, one, two, cpu)
     cpu, one, two = (final_params(tmp_path / d, 4) for d in ("cpu", "one", "two"))
     assert np.abs(two - one).max() <= 2 * np.abs(one - cpu).max()
+
+
+def test_hellaswag_split_over_two_ranks_counts_every_example_once(data, tmp_path):
+    """-h 1: 9 examples over 2 ranks (5 + 4): the same correct count as one process with the whole batch."""
+    from llmpy.hellaswag import Example, write_eval_file
+    rng = np.random.default_rng(3)
+    examples = [Example.make(i, int(rng.integers(4)), rng.integers(0, 2000, size=int(rng.integers(3, 12))),
+                             [rng.integers(0, 2000, size=int(rng.integers(1, 6))) for _ in range(4)])
+                for i in range(9)]
+    write_eval_file(str(tmp_path / "data" / "hellaswag" / "hellaswag_val.bin"), examples)
+    r1 = run(train_args(data, tmp_path / "one", 8, 1, "-h", "1"), tmp_path)
+    r2 = run(train_args(data, tmp_path / "two", 4, 1, "-h", "1"), tmp_path, n=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    one = [line for line in r1.stdout.splitlines() if line.startswith("HellaSwag:")]
+    two = [line for line in r2.stdout.splitlines() if line.startswith("HellaSwag:")]
+    assert len(one) == len(two) == 1 and two[0] == one[0] + " (2 ranks)" and "/9 = " in one[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Real NCCL, one rank (the GPU machines available to tests have one GPU each)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nccl_one_rank_collectives(dtype):
+    import cupy as cp
+    import ml_dtypes
+
+    from llmpy.dist.nccl import NcclComm
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    comm = NcclComm(NcclComm.unique_id(), 0, 1)
+    try:
+        host = np.random.default_rng(0).normal(size=1000).astype(dt)
+        for op in ("all_reduce", "reduce_scatter", "all_gather"):
+            buf = cp.empty(host.shape, dtype=dt)
+            buf.view(np.uint8).set(host.view(np.uint8))          # raw bytes: CuPy's bf16 support is partial
+            if op == "all_gather":
+                comm.all_gather(buf)
+            else:
+                getattr(comm, op)(buf, op="avg")
+            cp.cuda.Device().synchronize()
+            assert buf.view(np.uint8).get().tobytes() == host.tobytes(), op   # one rank: the identity
+        assert comm.sum_host(2.5) == 2.5
+        comm.barrier()
+    finally:
+        comm.close()
+
+
+@requires_gpu
+def test_nccl_one_rank_trainer_matches_the_single_process_engine(small_vocab_data, tmp_path, monkeypatch):
+    """`llmpy train --device cuda` through a 1-rank NcclComm: -z 0 gives the single-process run's losses
+    exactly (NCCL's average over one rank is the identity), -z 1 (sharded update, NCCL reduce-scatter and
+    all-gather) stays within bf16 rounding of it."""
+    import llmpy.dist.init
+    from llmpy.cli import main
+    from llmpy.dist.nccl import NcclComm
+    assert main(["train", "--device", "cuda", *train_flags(small_vocab_data, tmp_path / "single", 4, 4)]) == 0
+    monkeypatch.setattr(llmpy.dist.init, "init_processes",
+                        lambda cfg, device, log=print: NcclComm(NcclComm.unique_id(), 0, 1))
+    for stage in (0, 1):
+        flags = train_flags(small_vocab_data, tmp_path / f"nccl{stage}", 4, 4, "-z", str(stage))
+        assert main(["train", "--device", "cuda", *flags]) == 0
+    single, z0, z1 = (logged(tmp_path / d) for d in ("single", "nccl0", "nccl1"))
+    assert z0 == single
+    np.testing.assert_allclose([x for _, x in z1], [x for _, x in single], atol=0.05)

@@ -222,6 +222,23 @@ class DataParallel:
         else:
             self.model.load_optimizer_state(state)
 
+    def hellaswag(self, B: int, T: int, *, log=print) -> float:
+        """HellaSwag acc_norm with the examples split over the ranks (rank r: the r-th block of ceil(n/N),
+        as llm.c's eval loader) and the correct counts summed; one process: evaluate_hellaswag."""
+        from llmpy import hellaswag
+        if self.comm.size == 1:
+            return hellaswag.evaluate_hellaswag(self.model, B, T, log=log)
+        examples = hellaswag.read_eval_file(hellaswag.DEFAULT_PATH)
+        per = -(-len(examples) // self.comm.size)
+        mine = examples[self.comm.rank * per:(self.comm.rank + 1) * per]
+        correct = 0
+        if mine:
+            losses, _ = hellaswag.completion_losses(self.model, mine, B, T)
+            correct = int((np.argmin(losses, axis=1) == [ex.label for ex in mine]).sum())
+        total = round(self.comm.sum_host(correct))
+        log(f"HellaSwag: {total}/{len(examples)} = {total / len(examples):.4f} acc_norm ({self.comm.size} ranks)")
+        return total / len(examples)
+
     def memory_report(self) -> str:
         report = self.model.memory_report()
         if self.sharded is not None:
