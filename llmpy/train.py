@@ -105,11 +105,14 @@ def embedded_preset(device: str) -> dict:
                 final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=125)
 
 
-def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> TrainConfig:
+def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=None) -> TrainConfig:
     """cfg with the embedded preset filled in for every field the user did not set explicitly
-    (only when no -i is given)."""
+    (only when no -i is given). log: print, on rank 0 of an mpiexec launch only."""
     if cfg.train_data:
         return cfg
+    if log is None:
+        from llmpy.dist.init import launched_rank
+        log = print if launched_rank() == 0 else _quiet
     device = resolve_device(cfg.device)
     preset = {k: v for k, v in embedded_preset(device).items() if k not in explicit}
     flags = " ".join(f"{_flag_name(k)} {v}" for k, v in preset.items())
@@ -286,7 +289,11 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     train_pat, val_pat = cfg.train_data, cfg.val_data
     if not train_pat:
         from llmpy.corpus import prepare_default
+        if comm.rank > 0:
+            comm.barrier()     # rank 0 prepares the embedded corpus, the others then reuse its files
         train_pat, default_val = prepare_default(log=log)
+        if comm.rank == 0:
+            comm.barrier()
         val_pat = val_pat or default_val
     if cfg.hellaswag:   # fail before training, not at the first evaluation
         from llmpy.hellaswag import DEFAULT_PATH, read_eval_file

@@ -393,3 +393,14 @@ def test_nccl_one_rank_trainer_matches_the_single_process_engine(small_vocab_dat
     single, z0, z1 = (logged(tmp_path / d) for d in ("single", "nccl0", "nccl1"))
     assert z0 == single
     np.testing.assert_allclose([x for _, x in z1], [x for _, x in single], atol=0.05)
+
+
+def test_bench_dist_quick_times_one_and_two_ranks(tmp_path):
+    mpiexec()
+    r = run([os.path.join(REPO, "scripts", "bench_dist.py"), "--quick", "--zero", "1", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "bench_dist_cpu.json").read_text())
+    assert [(row["ranks"], row["zero"]) for row in rows] == [(1, 1), (2, 1)]
+    one, two = rows
+    assert one["comm_ms"] < 0.1 * one["ms"] and 0 < two["comm_ms"] < two["ms"] and one["speedup"] == 1.0
+    assert two["tok_per_s"] == pytest.approx(2 * 2 * 32 / (two["ms"] / 1e3))   # 2 ranks x B=2 x T=32 per step

@@ -94,6 +94,7 @@ class ShardedAdamW:
         xp = model.xp
         self.m = xp.zeros(self.numel, dtype=F32)
         self.v = xp.zeros(self.numel, dtype=F32)
+        self.partials = xp.zeros(sum(s.layers for s in self.shards), dtype=F32)   # the norm's, one per piece
         self.master = None
         if getattr(model, "master_weights", False):   # the GPU engine in bf16: fp32 copies of the pieces
             self.master = _from_host(xp, self.gather_pieces(_to_host(model.params).astype(np.float32)))
@@ -123,11 +124,14 @@ class ShardedAdamW:
                     self.comm.reduce_scatter(whole, op="avg")
 
     def grad_norm(self) -> float:
-        model, total = self.model, 0.0
+        """sqrt of the sum over ranks of this rank's pieces' squares: one partial sum per piece on the
+        device, one read-back, summed in float64 on the host in a fixed order."""
+        model, k = self.model, 0
         for s in self.shards:
             for _, _, piece in self.slices(model.g, s):
-                model.ops.global_norm_squared(model.norm, piece)
-                total += float(_to_host(model.norm)[0])
+                model.ops.global_norm_squared(self.partials[k:k + 1], piece)
+                k += 1
+        total = float(_to_host(self.partials).astype(np.float64).sum())
         return math.sqrt(self.comm.sum_host(total))
 
     def update(self, *, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, seeds=None):
