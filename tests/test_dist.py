@@ -39,7 +39,9 @@ def mpiexec():
 
 def run(argv, cwd, n=None, timeout=TIMEOUT):
     """argv (after `python`) in a subprocess, under `mpiexec -n n` when n is given."""
-    env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork", MPIR_CVAR_CH4_PROGRESS_THROTTLE="1")
+    # MPIEXEC_TIMEOUT: MPICH's launcher ends every rank itself if the job outlives it (a hang)
+    env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork", MPIR_CVAR_CH4_PROGRESS_THROTTLE="1",
+               MPIEXEC_TIMEOUT=str(int(timeout)))
     for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):   # a launcher of our own
         env.pop(var, None)
     cmd = [sys.executable, *argv] if n is None else [mpiexec(), "-n", str(n), sys.executable, *argv]
@@ -397,7 +399,8 @@ def test_nccl_one_rank_trainer_matches_the_single_process_engine(small_vocab_dat
 
 def test_bench_dist_quick_times_one_and_two_ranks(tmp_path):
     mpiexec()
-    r = run([os.path.join(REPO, "scripts", "bench_dist.py"), "--quick", "--zero", "1", "--out", str(tmp_path)], tmp_path)
+    bench = os.path.join(REPO, "scripts", "bench_dist.py")
+    r = run([bench, "--quick", "--zero", "1", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "bench_dist_cpu.json").read_text())
     assert [(row["ranks"], row["zero"]) for row in rows] == [(1, 1), (2, 1)]

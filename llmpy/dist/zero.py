@@ -187,7 +187,8 @@ class DataParallel:
         self.zero_stage = zero_stage
         self.sharded = ShardedAdamW(model, comm) if zero_stage == 1 else None
         if comm.size > 1 or self.sharded is not None:
-            log(f"data parallel: {comm.size} processes ({comm.name}), ZeRO stage {zero_stage}"
+            procs = f"{comm.size} process{'es' if comm.size > 1 else ''}"
+            log(f"data parallel: {procs} ({comm.name}), ZeRO stage {zero_stage}"
                 + (f"; AdamW state {self.sharded.nbytes() / 2**20:.1f} MiB per rank (1/{comm.size} of "
                    f"{self.sharded.nbytes() * comm.size / 2**20:.1f} MiB)" if self.sharded is not None else ""))
 
