@@ -404,7 +404,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
             rng_state_last_update = rng.state
             seeds = [rng.random_u32() for _ in range(16)]
             dp.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
-                         t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
+                      t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
         model.synchronize()
         ms = (time.perf_counter() - t0) * 1000
         times.append(ms)
