@@ -217,13 +217,15 @@ def final_params(out, step):
     return load_model(model_path(str(out), step))[1]
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_two_processes_match_one_process_with_the_whole_batch(stage, data, tmp_path):
-    """2 ranks x B=2 read the rows of 1 rank x B=4 (llm.c's offsets, one shuffle seed): the same losses
-    step for step (validation included) and the same final parameters, up to float rounding."""
+@pytest.mark.parametrize("stage,B,extra", [(0, 2, []), (1, 2, []), (1, 1, ["-d", "128"])],
+                         ids=["z0", "z1", "z1-accum2"])
+def test_two_processes_match_one_process_with_the_whole_batch(stage, B, extra, data, tmp_path):
+    """2 ranks x B rows read the rows of 1 rank x 2B (llm.c's offsets, one shuffle seed), also with two
+    micro-steps per step: the same losses step for step (validation included) and the same final
+    parameters, up to float rounding."""
     from llmpy.cli import main
-    assert main(train_args(data, tmp_path / "one", 4, 6, "-n", "6")[2:]) == 0
-    r = run(train_args(data, tmp_path / "two", 2, 6, "-n", "6", "-z", str(stage)), tmp_path, n=2)
+    assert main(train_args(data, tmp_path / "one", 2 * B, 6, "-n", "6", *extra)[2:]) == 0
+    r = run(train_args(data, tmp_path / "two", B, 6, "-n", "6", "-z", str(stage), *extra), tmp_path, n=2)
     assert r.returncode == 0, r.stderr
     assert f"data parallel: 2 processes (mpi), ZeRO stage {stage}" in r.stdout
     assert r.stdout.count("step    1/6") == 1, "rank 1 must not log"
