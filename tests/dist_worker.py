@@ -69,21 +69,35 @@ def fail_on_rank_1():
 def emulated_gpu_train(library, *argv):
     """`llmpy train --device cuda ...` on the kernel emulator (library: its built .so), NCCL replaced by
     tests/emu_nccl.py. Under mpiexec the ranks meet over MPI and reduce over the stand-in; rank 0 writes
-    the stand-in's call counts next to the run's log."""
+    the stand-in's call counts next to the run's log, and every rank a hash of its bf16 parameters after
+    each update (params_rank<r>.json: the replicas must stay bit-identical)."""
+    import hashlib
+
     import pytest
 
     import cuda_emu
     import emu_nccl
     import llmpy.dist.nccl
     from llmpy.cli import main
+    from llmpy.dist.zero import DataParallel
     emu = cuda_emu.Emulator(library)
+    hashes, update = [], DataParallel.update
+
+    def update_and_hash(dp, **adamw):
+        update(dp, **adamw)
+        hashes.append(hashlib.sha1(emu.to_host(dp.model.params).tobytes()).hexdigest())
+
     with pytest.MonkeyPatch.context() as mp, emu.installed(mp):
         mp.setattr("llmpy.train.resolve_device", lambda requested: "cuda")
         mp.setattr(llmpy.dist.nccl, "cupy_nccl", lambda: emu_nccl)
         mp.setattr(llmpy.dist.nccl.NcclComm, "use_device", staticmethod(lambda index: None))
+        mp.setattr(DataParallel, "update", update_and_hash)
         rc = main(["train", "--device", "cuda", *argv])
-    out = argv[argv.index("-o") + 1]
-    if rc == 0 and os.environ.get("PMI_RANK", "0") == "0":
+    out, rank = argv[argv.index("-o") + 1], os.environ.get("PMI_RANK", "0")
+    if rc == 0:
+        with open(os.path.join(out, f"params_rank{rank}.json"), "w") as f:
+            json.dump(hashes, f)
+    if rc == 0 and rank == "0":
         with open(os.path.join(out, "nccl_calls.json"), "w") as f:
             json.dump([[*k, v] for k, v in emu_nccl.calls.items()], f)
     sys.exit(rc)

@@ -311,7 +311,8 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
     """`llmpy train --device cuda` (bf16, master weights, CUDA graphs on) with -z 1 on 2 ranks x B=2 against
     the 1-rank engine with B=4. The 2-rank run reduces bf16 gradients twice and rounds other pieces with
     other noise, so it is held to the bf16 error budget: its distance from the 1-rank run is at most
-    twice the 1-rank bf16 run's own distance from the fp32 CPU trainer (losses, val losses, parameters)."""
+    twice the 1-rank bf16 run's own distance from the fp32 CPU trainer (losses, val losses, parameters).
+    After every update both ranks hold the same bf16 parameters, bit for bit."""
     worker = [os.path.join(TESTS, "dist_worker.py"), "emulated_gpu_train", str(emulator_library)]
     for out, n, B, extra in (("one", None, 4, []), ("two", 2, 2, ["-z", "1", "-lg", "4"])):
         flags = train_flags(small_vocab_data, tmp_path / out, B, 4, "-n", "4", "-v", "2", *extra)
@@ -324,6 +325,8 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
     per_step = 2 * 12 + 4                  # 12 per-layer tensors x 2 layers + wte, wpe, lnfw, lnfb
     assert calls == {("reduceScatter", "bfloat16", 4): 4 * per_step, ("allGather", "bfloat16", None): 4 * per_step,
                      ("allReduce", "float32", 0): 12}, calls   # host sums: 4 x (loss, norm), 3 val, 1 barrier
+    replicas = [json.load(open(tmp_path / "two" / f"params_rank{r}.json")) for r in (0, 1)]
+    assert len(replicas[0]) == 4 and replicas[0] == replicas[1], "the ranks' bf16 parameters differ"
     from llmpy.cli import main
     assert main(train_args(small_vocab_data, tmp_path / "cpu", 4, 4, "-n", "4", "-v", "2")[2:]) == 0
     for split in ("train", "val"):
