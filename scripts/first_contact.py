@@ -73,12 +73,12 @@ def pytest_command(junit: Path, *files: str) -> list[str]:
     return cmd + [f"tests/{f}" for f in files]
 
 
-def plan(work: Path) -> list[Step]:
+def plan(work: Path, *, wheels: str = ".whl", site: Path = SITE, require: str = REQUIRED_MODULE) -> list[Step]:
     """The steps, in order (gpu-review.md §3.3). The fixed caps add up to BUDGET_S."""
     py = sys.executable
     return [
-        Step("wheels", 30, f"{REQUIRED_MODULE} must import; if not, install .whl/*.whl (review CRASH-1)",
-             [py, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE), ".whl/*.whl"]),
+        Step("wheels", 30, f"{require} must import; if not, install {wheels}/*.whl (review CRASH-1)",
+             [py, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(site), f"{wheels}/*.whl"]),
         Step("env", 60, "nvidia-smi, versions; every kernel compiled, registers and local memory",
              [py, "scripts/first_contact.py", "--env-report"]),
         Step("gates", 90, "mma/ldmatrix layouts on the hardware, cuBLASLt plans and epilogues, capture",
@@ -226,10 +226,10 @@ def run(args) -> int:
     work = out / ".work"                       # scratch; removed at the end, so out keeps <= 6 files
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    steps = plan(work)
+    site = Path(args.site)
+    steps = plan(work, wheels=args.wheels, site=site, require=args.require)
     for name, cap in args.cap.items():
         next(s for s in steps if s.name == name).cap = cap
-    site = Path(args.site)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(site), os.environ.get("PYTHONPATH")]))}
     sys.path.insert(0, str(REPO / "scripts"))
@@ -273,7 +273,7 @@ def run(args) -> int:
             log.write(header + "\n")
             if step.name == "wheels":
                 t0 = time.monotonic()
-                ok, detail = install_wheels(Path(args.wheels), site, args.require, env, log)
+                ok, detail = install_wheels(REPO / args.wheels, site, args.require, env, log)
                 summary["nvmath"] = {"module": args.require, "imports": ok, "detail": detail}
                 log.write(detail + "\n")
                 print(detail)
@@ -391,7 +391,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS", help="override a step's cap")
     p.add_argument("--stand-in-sleep", action="append", default=[], metavar="STEP=SECONDS",
                    help="--dry-run: the stand-in for STEP takes this long (to check that caps are enforced)")
-    p.add_argument("--wheels", default=str(REPO / ".whl"), help="folder of carried wheels (default .whl/)")
+    p.add_argument("--wheels", default=".whl", help="folder of carried wheels (default .whl/ in the checkout)")
     p.add_argument("--site", default=str(SITE), help=f"where the wheels are installed (default {SITE})")
     p.add_argument("--require", default=REQUIRED_MODULE, help=f"module that must import (default {REQUIRED_MODULE})")
     p.add_argument("--env-report", action="store_true", help=argparse.SUPPRESS)   # the env step itself
