@@ -305,3 +305,42 @@ def test_gpu_matches_reference_at_gpt2_size(backend, case, size, dtype_name):
 def test_muon_update_at_gpt2_size(backend):
     """One Muon step on GPT-2 124M's attention projection (768 x 768, two layers), bf16 with master weights."""
     test_muon_update_matches_reference(backend, "bfloat16", (2, 768, 768))
+
+
+def test_muon_update_replays_in_a_cuda_graph(backend):
+    """Three Muon steps with a changing lr and seed, captured once and replayed (lr, grad_scale and the seed
+    from device memory, buffers from a preallocated workspace: nothing allocated while capturing), give the
+    bits of three eager steps that take them by value."""
+    import cupy as cp
+    from llmpy.gpu import muon
+    from llmpy.gpu.graph import StepGraph
+    rng = np.random.default_rng(15)
+    shape = (2, 24, 40)
+    base = {"param": rng.standard_normal(shape) * 0.05, "buf": rng.standard_normal(shape) * 1e-3,
+            "grad": rng.standard_normal(shape) * 1e-3}
+    steps = [(0.02, 9), (0.015, 10), (0.01, 11)]               # (lr, seed) per step
+
+    def state():
+        d = {k: cp.asarray(v.astype(STORAGE["bfloat16"] if k != "buf" else np.float32)) for k, v in base.items()}
+        d["master"] = cp.asarray(base["param"].astype(np.float32))
+        return d
+
+    eager = state()
+    for lr, seed in steps:
+        muon.muon_update(eager["param"], eager["buf"], eager["grad"], master=eager["master"], lr=lr, seed=seed)
+
+    graphed = state()
+    scalars, seed_ptr = cp.zeros(2, dtype=np.float32), cp.zeros(1, dtype=np.uint32)
+    workspace = cp.empty(muon.workspace_size(shape), dtype=STORAGE["bfloat16"])
+    scratch = cp.empty(muon.scratch_size(shape), dtype=np.float32)
+    graph = StepGraph(log=lambda msg: None)
+    for lr, seed in steps:
+        scalars.set(np.array([lr, 1.0], np.float32))
+        seed_ptr.set(np.array([seed], np.uint32))
+        graph.run("muon", lambda: muon.muon_update(graphed["param"], graphed["buf"], graphed["grad"],
+                                                   master=graphed["master"], lr=0.0, seed=0, scalars=scalars,
+                                                   seed_ptr=seed_ptr, workspace=workspace, scratch=scratch))
+    assert graph.disabled is None and (graph.eager_runs, graph.captures, graph.replays) == (1, 1, 2)
+    graph.close()
+    for k in ("param", "buf", "master"):
+        assert eager[k].get().tobytes() == graphed[k].get().tobytes(), k
