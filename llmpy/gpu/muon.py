@@ -10,9 +10,10 @@ to unit Frobenius norm. For a wide X (rows <= cols), with A the rows x rows Gram
     A = X X^T;  B = b A + c A A;  X = a X + B X
 and for a tall one, instead of transposing X, the cols x cols Gram matrix on the other side:
     A = X^T X;  B = b A + c A A;  X = a X + X B
-(the same iteration on X^T, since B is symmetric). Each line is one GEMM; the b A and a X terms are
-its beta term, so A and X are first copied into the output buffer (muon_copy_kernel). All in bf16
-with fp32 accumulation, each product rounded once to bf16.
+(the same iteration on X^T, since B is symmetric). Each line is one GEMM (batched over the stack);
+b A and a X are its beta term on the output, which must not be an input: A is first copied into B
+(then B = c A A + b B), and X into Y (then X = B Y + a X, or Y B + a X). All in bf16 with fp32
+accumulation, each product rounded once to bf16 (muon_copy_kernel copies exactly).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def workspace_size(shape) -> int:
 
 
 def scratch_size(shape) -> int:
-    """float32 elements muon_update needs in `scratch` (the norm's partial sums)."""
+    """float32 elements muon_update and newton_schulz need in `scratch` (the norm's partial sums)."""
     batch = int(np.prod(shape[:-2], dtype=np.int64))
     return batch * norm_blocks(shape[-2] * shape[-1])
 
