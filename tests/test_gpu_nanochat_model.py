@@ -13,45 +13,46 @@ import llmpy.cpu
 from llmpy.model import carve
 from llmpy.nanochat import NanoChat, NanoChatConfig, init_params, param_shapes
 
-CFG = NanoChatConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=100, sequence_len=16)
-CFG_SHAPES = param_shapes(CFG)
+GQA = NanoChatConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=100, sequence_len=16)
+MHA = NanoChatConfig(n_layer=2, n_head=4, n_kv_head=4, n_embd=64, vocab_size=100, sequence_len=16)
 
 
-def start_params():
+def start_params(cfg):
     """nanochat's init plus noise, so that the zero-initialised output projections pass gradients back;
     the padded vocabulary rows stay zero (the GPU classifier leaves padded logit columns alone, and the
     model relies on them being zero, as GPT-2's does)."""
-    params = init_params(CFG)
+    params = init_params(cfg)
     params += np.random.default_rng(0).standard_normal(params.size).astype(np.float32) * 0.02
-    p = carve(params, CFG_SHAPES)
-    p["wte"][CFG.vocab_size:] = p["lm_head"][CFG.vocab_size:] = 0.0
+    p = carve(params, param_shapes(cfg))
+    p["wte"][cfg.vocab_size:] = p["lm_head"][cfg.vocab_size:] = 0.0
     return params
 
 
-def _models(optimizer):
+def _models(cfg, optimizer):
     import llmpy.gpu
-    params = start_params()
-    cpu = NanoChat(CFG, llmpy.cpu, params=params, optimizer=optimizer)
-    gpu = NanoChat(CFG, llmpy.gpu, optimizer=optimizer)
+    params = start_params(cfg)
+    cpu = NanoChat(cfg, llmpy.cpu, params=params, optimizer=optimizer)
+    gpu = NanoChat(cfg, llmpy.gpu, optimizer=optimizer)
     gpu.params.set(params)
     return cpu, gpu
 
 
 def _batch(B=2, T=16):
     rng = np.random.default_rng(1)
-    tokens = rng.integers(0, CFG.vocab_size, size=(B, T + 1)).astype(np.int32)
+    tokens = rng.integers(0, GQA.vocab_size, size=(B, T + 1)).astype(np.int32)
     return tokens[:, :-1], tokens[:, 1:]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_gpu_ops_train_the_nanochat_model_as_the_cpu_does(backend, optimizer):
-    cpu, gpu = _models(optimizer)
+@pytest.mark.parametrize("cfg,optimizer", [(GQA, "adamw"), (GQA, "muon"), (MHA, "adamw")],
+                         ids=["gqa-adamw", "gqa-muon", "mha-adamw"])
+def test_gpu_ops_train_the_nanochat_model_as_the_cpu_does(backend, cfg, optimizer):
+    cpu, gpu = _models(cfg, optimizer)
     inp, targets = _batch()
     for m in (cpu, gpu):
         m.zero_grad()
         m.forward_backward(inp, targets, 1.0 / targets.size)
     assert abs(gpu.mean_loss(targets.size) - cpu.mean_loss(targets.size)) < 1e-5 * cpu.mean_loss(targets.size)
-    g_gpu = carve(gpu.grads.get(), CFG_SHAPES)
+    g_gpu = carve(gpu.grads.get(), param_shapes(cfg))
     for name, g_cpu in cpu.g.items():
         scale = float(np.abs(g_cpu).max())
         assert scale > 0, name
@@ -59,10 +60,10 @@ def test_gpu_ops_train_the_nanochat_model_as_the_cpu_does(backend, optimizer):
     # AdamW's first step is lr g / (|g| + eps): with eps far below the gradients (~1e-3) a gradient near 0
     # would turn its float32 noise into up to the whole step; eps = 1e-4 keeps the step a smooth function
     kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-4, weight_decay=0.1, t=1)
-    start = carve(start_params(), CFG_SHAPES)
+    start = carve(start_params(cfg), param_shapes(cfg))
     for m in (cpu, gpu):
         m.update(**kw)
-    p_gpu = carve(gpu.params.get(), CFG_SHAPES)
+    p_gpu = carve(gpu.params.get(), param_shapes(cfg))
     for name, p_cpu in cpu.p.items():
         step_cpu, step_gpu = (p_cpu - start[name]).ravel(), (p_gpu[name] - start[name]).ravel()
         if optimizer == "muon" and name not in ("wte", "lm_head"):
