@@ -101,7 +101,8 @@ def main(argv=None) -> int:
             from llmpy.commands import hellaswag_command
             hellaswag_command(args)
     except LlmpyError as e:
-        print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):   # an error every rank of a multi-process run raised: rank 0 says it
+            print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"llmpy {args.command}: interrupted", file=sys.stderr)

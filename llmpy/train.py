@@ -68,7 +68,7 @@ class TrainConfig:
     tf32: int = flag("-f", 1, "1: allow TF32 matmuls in fp32 mode (GPU)")
     master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)")
     gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward")
-    zero_stage: int = flag("-z", 0, "ZeRO stage (single process: 0)")
+    zero_stage: int = flag("-z", 0, "ZeRO stage: 0 all-reduces gradients, 1 also shards AdamW state over the ranks")
     recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)")
     log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
     device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
@@ -78,6 +78,14 @@ class TrainConfig:
     flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "
                                        "(0: llm.c's materialised attention)")
     seed: int = flag("", 1337, "seed for sampling during training (llm.c: 1337)")
+    # several processes (llmpy/dist/init.py): `mpiexec -n N`, or one process per rank started by a scheduler
+    init_method: str = flag("-pi", "mpi", "how the ranks meet: mpi (mpiexec), tcp (-ps) or fs (-pf)",
+                            choices=("mpi", "tcp", "fs"))
+    num_processes: int = flag("-pn", 1, "number of processes (tcp, fs; mpiexec sets it under mpi)")
+    process_rank: int = flag("-pr", 0, "this process's rank (tcp, fs)")
+    gpus_per_node: int = flag("-pg", 8, "GPUs per machine: local GPU = rank %% N (tcp, fs)")
+    server_addr: str = flag("-ps", "", "HOST[:PORT] where rank 0 serves the NCCL id (tcp; port 12345 if omitted)")
+    fs_path: str = flag("-pf", "", "a folder every rank shares, for the NCCL id file (fs)")
 
 
 BETA1, BETA2, EPS = 0.9, 0.95, 1e-8   # AdamW as in llm.c's trainer
@@ -97,11 +105,14 @@ def embedded_preset(device: str) -> dict:
                 final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=125)
 
 
-def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> TrainConfig:
+def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=None) -> TrainConfig:
     """cfg with the embedded preset filled in for every field the user did not set explicitly
-    (only when no -i is given)."""
+    (only when no -i is given). log: print, on rank 0 of an mpiexec launch only."""
     if cfg.train_data:
         return cfg
+    if log is None:
+        from llmpy.dist.init import launched_rank
+        log = print if launched_rank() == 0 else _quiet
     device = resolve_device(cfg.device)
     preset = {k: v for k, v in embedded_preset(device).items() if k not in explicit}
     flags = " ".join(f"{_flag_name(k)} {v}" for k, v in preset.items())
@@ -254,6 +265,22 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
     check_config(cfg)
     device = resolve_device(cfg.device)
+    from llmpy.dist.init import init_processes
+    comm = init_processes(cfg, device, log=log)
+    try:
+        return _train_processes(cfg, device, comm, log if comm.rank == 0 else _quiet)
+    except BaseException as e:
+        comm.fail(e)   # several processes: a failing rank ends the job instead of leaving the others waiting
+        raise
+    finally:
+        comm.close()
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0 (llm.c prints and writes main.log on rank 0 only)."""
+
+
+def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     if device == "cpu":
         log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
     make_model = model_factory(cfg, device, log=log)
@@ -262,7 +289,11 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     train_pat, val_pat = cfg.train_data, cfg.val_data
     if not train_pat:
         from llmpy.corpus import prepare_default
+        if comm.rank > 0:
+            comm.barrier()     # rank 0 prepares the embedded corpus, the others then reuse its files
         train_pat, default_val = prepare_default(log=log)
+        if comm.rank == 0:
+            comm.barrier()
         val_pat = val_pat or default_val
     if cfg.hellaswag:   # fail before training, not at the first evaluation
         from llmpy.hellaswag import DEFAULT_PATH, read_eval_file
@@ -278,23 +309,33 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     resume_step = checkpoint.latest_done_step(cfg.output_dir) if cfg.resume else None
     model_spec = cfg.model or "d12"
     if resume_step is not None:
+        from llmpy.dist.zero import check_world_size
+        check_world_size(cfg.output_dir, resume_step, comm)
         model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
         log(f"resuming from {model_spec} (step {resume_step})")
     with build_model(model_spec, make_model, cfg.seq_len) as model:
-        return _train_loop(cfg, model, train_pat, val_pat, resume_step, log)
+        return _train_loop(cfg, model, train_pat, val_pat, resume_step, log, comm)
 
 
-def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resume_step, log) -> dict:
+def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resume_step, log, comm) -> dict:
     """Everything after set-up: data, state, and the step loop (the model is closed by the caller)."""
+    from llmpy.dist.zero import DataParallel
     gcfg = model.config
-    B, T = cfg.batch_size, cfg.seq_len
+    B, T, P, rank = cfg.batch_size, cfg.seq_len, comm.size, comm.rank
     log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
         f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
+    dp = DataParallel(model, comm, cfg.zero_stage, log=log)
 
-    train_loader = DataLoader(train_pat, B, T, shuffle=not cfg.overfit_single_batch)
-    val_loader = DataLoader(val_pat, B, T, shuffle=False) if val_pat else None
-    tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T
-    grad_accum = tokens_per_step // (B * T)
+    # each rank reads its B rows of every P*B-row global batch; all ranks shuffle with one seed, so the
+    # global batches are those of one process with P*B rows (llm.c seeds 42 + rank: llmc-facts.md Q5)
+    train_loader = DataLoader(train_pat, B, T, process_rank=rank, num_processes=P,
+                              shuffle=not cfg.overfit_single_batch, shuffle_seed=42)
+    val_loader = DataLoader(val_pat, B, T, process_rank=rank, num_processes=P, shuffle=False) if val_pat else None
+    tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T * P
+    if tokens_per_step % (B * T * P):
+        raise LlmpyError(f"-d/--total-batch-size {tokens_per_step} is not a multiple of B*T*processes = "
+                         f"{B * T * P}")
+    grad_accum = tokens_per_step // (B * T * P)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else train_loader.num_tokens // tokens_per_step
     if total_steps <= 0:
         raise LlmpyError(f"-i {train_pat}: {train_loader.num_tokens} tokens is less than one step of "
@@ -302,7 +343,8 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
     val_batches = 0
     if val_loader is not None:
         val_batches = val_loader.num_tokens // (B * T) if cfg.val_max_steps < 0 else cfg.val_max_steps
-    log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}); steps: {total_steps}; "
+    log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}"
+        + (f" x {P} processes" if P > 1 else "") + f"); steps: {total_steps}; "
         f"train tokens: {train_loader.num_tokens:,}; val batches: {val_batches}")
 
     # training state; -y 1 restores it from the state file
@@ -310,14 +352,14 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
     rng_state_last_update = rng.state
     start_step = 0
     if resume_step is not None:
-        state = checkpoint.load_state(checkpoint.state_path(cfg.output_dir, resume_step),
-                                      num_parameters=model.num_parameters)
-        model.load_optimizer_state(state)
+        state = checkpoint.load_state(checkpoint.state_path(cfg.output_dir, resume_step, rank),
+                                      num_parameters=dp.state_numel, num_processes=P, rank=rank)
+        dp.load_optimizer_state(state)
         rng.state, rng_state_last_update = state["rng_state"], state["rng_state_last_update"]
         train_loader.load_state_dict(state["loader_state"])
         start_step = state["step"]
-    runlog = RunLog(cfg.output_dir, append=bool(cfg.resume))
-    tokenizer = _tokenizer(log) if cfg.sample_every > 0 else None
+    runlog = RunLog(cfg.output_dir if rank == 0 else "", append=bool(cfg.resume))
+    tokenizer = _tokenizer(log) if cfg.sample_every > 0 and rank == 0 else None
     loss_z, norm_z = OutlierDetector(), OutlierDetector()
     losses, val_losses, times = [], {}, []
     tok_per_s_ema = 0.0
@@ -325,19 +367,18 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
     for step in range(start_step, total_steps + 1):
         last = step == total_steps
         if val_loader is not None and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
-            val_loss = evaluate(model, val_loader, val_batches)
+            val_loss = dp.average(evaluate(model, val_loader, val_batches))
             val_losses[step] = val_loss
             log(f"val loss {val_loss:.6f}")
             runlog.write(f"s:{step} tel:{val_loss:.4f}", {"step": step, "split": "val", "loss": val_loss})
         if cfg.hellaswag and ((step > 0 and cfg.val_every > 0 and step % cfg.val_every == 0) or last):
-            from llmpy.hellaswag import evaluate_hellaswag
-            acc = evaluate_hellaswag(model, B, T, log=log)
+            acc = dp.hellaswag(B, T, log=log)
             runlog.write(f"s:{step} eval:{acc:.4f}", {"step": step, "split": "hellaswag", "acc": acc})
-        if cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
+        if rank == 0 and cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
             _print_sample(model, tokenizer, cfg, log)
         if (cfg.output_dir and cfg.checkpoint_every > 0 and step != resume_step
                 and ((step > 0 and step % cfg.checkpoint_every == 0) or last)):
-            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
+            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log, dp)
         if last:
             break
 
@@ -349,10 +390,11 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
                 train_loader.reset()
             inp, tgt = train_loader.next_batch()
             model.forward_backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
-        loss = model.mean_loss(B * T * grad_accum)
+        dp.reduce_gradients()
+        loss = dp.mean_loss(B * T * grad_accum)
         zl = loss_z.update(loss)
         lr = learning_rate(cfg, step, total_steps)
-        norm = model.grad_norm()
+        norm = dp.grad_norm()
         zn = norm_z.update(norm)
         skip = (cfg.skip_loss_z and math.isfinite(zl) and zl > cfg.skip_loss_z) or \
                (cfg.skip_norm_z and math.isfinite(zn) and zn > cfg.skip_norm_z)
@@ -361,8 +403,8 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         else:
             rng_state_last_update = rng.state
             seeds = [rng.random_u32() for _ in range(16)]
-            model.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
-                         t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
+            dp.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
+                      t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
         model.synchronize()
         ms = (time.perf_counter() - t0) * 1000
         times.append(ms)
@@ -380,7 +422,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
                      {"step": step, "split": "train", "loss": loss, "lr": lr, "norm": norm, "ms": ms,
                       "tok_per_s": tok_per_s, "skipped": bool(skip)})
         if cfg.log_gpu_every > 0 and (step + 1) % cfg.log_gpu_every == 0:
-            log(model.memory_report())
+            log(dp.memory_report())
 
     if len(times) > 1:
         log(f"total average iteration time: {sum(times[1:]) / (len(times) - 1):.2f} ms")
@@ -403,15 +445,21 @@ def evaluate(model: GPT, loader: DataLoader, num_batches: int) -> float:
     return total / max(num_batches, 1)
 
 
-def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, log):
-    """model_, state_ and then DONE_ for this step (each written atomically), then prune by -nk/-nm."""
-    state = model.optimizer_state()
-    checkpoint.write_checkpoint(cfg.output_dir, step, model.config, model.params_f32(),
+def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, log, dp):
+    """model_ (rank 0) and every rank's state_, a barrier, then DONE_ (rank 0), each written atomically;
+    then prune by -nk/-nm (each rank its own files)."""
+    comm = dp.comm
+    state = dp.optimizer_state()
+    checkpoint.write_checkpoint(cfg.output_dir, step, model.config, model.params_f32() if comm.rank == 0 else None,
                                 dtype=model.checkpoint_dtype, m=state["m"], v=state["v"],
                                 master=state.get("master"), rng_state=rng_state,
-                                rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict())
+                                rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict(),
+                                rank=comm.rank, num_processes=comm.size, done=False)
+    comm.barrier()
+    if comm.rank == 0:
+        checkpoint.mark_done(cfg.output_dir, step)
     checkpoint.prune_checkpoints(cfg.output_dir, step, cfg.checkpoint_every, cfg.checkpoints_keep,
-                                 cfg.major_checkpoint_every)
+                                 cfg.major_checkpoint_every, rank=comm.rank)
     log(f"checkpoint: {checkpoint.model_path(cfg.output_dir, step)}")
 
 
