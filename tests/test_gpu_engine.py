@@ -141,9 +141,9 @@ def test_engine_options_follow_llmc_defaults():
     assert opts == dict(dtype="bf16", batch_size=base.batch_size, seq_len=base.seq_len, master_weights=True,
                         recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False, flash_attention=0,
                         optimizer_state=True)
-    assert engine_options(dataclasses.replace(base, flash_attention=2))["flash_attention"] == 2   # 128-row tiles
     # ZeRO-1: the arena keeps no m, v or master (each rank holds its shard: llmpy/dist/zero.py)
     assert engine_options(dataclasses.replace(base, zero_stage=1))["optimizer_state"] is False
+    assert engine_options(dataclasses.replace(base, flash_attention=2))["flash_attention"] == 2   # 128-row tiles
     fp32 = engine_options(dataclasses.replace(base, dtype="fp32"))
     assert (fp32["dtype"], fp32["master_weights"], fp32["tf32"]) == ("fp32", False, True)
     assert engine_options(dataclasses.replace(base, dtype="fp32", tf32=0))["tf32"] is False
