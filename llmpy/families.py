@@ -159,18 +159,19 @@ def build_model(spec: str, tcfg, device: str, make_gpt, *, log=print):
                              "nanochat directory); GPT-2 trains with adamw")
         from llmpy.train import build_model as build_gpt
         return build_gpt(spec, make_gpt, tcfg.seq_len)
-    if device != "cpu":
-        raise LlmpyError(f"-e {spec}: nanochat models train on the CPU so far; use --device cpu")
     if tcfg.zero_stage > 0:   # ZeRO-1 slices GPT-2's tensors; Muon needs whole matrices (llmpy/nanochat.py)
         raise LlmpyError(f"-z/--zero-stage {tcfg.zero_stage}: nanochat models train with -z 0 so far")
     cfg, params = load_nanochat(spec)
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")
-    import llmpy.cpu as ops
     log(f"nanochat: n_layer={cfg.n_layer} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} n_embd={cfg.n_embd} "
         f"head_dim={cfg.head_dim}; optimizer {tcfg.optimizer}"
         + (f" (Muon lr {tcfg.muon_lr} on the block matrices, AdamW on wte and lm_head)"
            if tcfg.optimizer == "muon" else ""))
+    if device != "cpu":   # the GPU engine (bf16, master weights, CUDA graphs); imports cupy, so only here
+        from llmpy.gpu.nanochat_engine import build_engine
+        return build_engine(cfg, params, tcfg, log=log)
+    import llmpy.cpu as ops
     return NanoChat(cfg, ops, params=params, optimizer=tcfg.optimizer, muon_lr=tcfg.muon_lr,
                     peak_lr=tcfg.learning_rate)
 

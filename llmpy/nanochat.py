@@ -305,8 +305,13 @@ class NanoChat(FlatParamModel):
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
 
     def load_optimizer_state(self, state: dict):
-        """Restore m and v from a state file, refusing one written by the other optimizer: Muon leaves v
-        zero on the block matrices, AdamW does not (once it has taken a step, which wte's v shows)."""
+        """Restore m and v from a state file, refusing one written by the other optimizer."""
+        self.check_optimizer_state(state)
+        super().load_optimizer_state(state)
+
+    def check_optimizer_state(self, state: dict):
+        """LlmpyError if the state file was written by the other optimizer: Muon leaves v zero on the
+        block matrices, AdamW does not (once it has taken a step, which wte's v shows)."""
         v = carve(np.asarray(state["v"], dtype=np.float32), self.shapes)
         stepped = bool(v["wte"].any())
         muon_state = stepped and not any(v[name].any() for name in MATRICES)
@@ -314,7 +319,6 @@ class NanoChat(FlatParamModel):
             written = "muon" if muon_state else "adamw"
             raise LlmpyError(f"--optimizer {self.optimizer}: the checkpoint's optimizer state was written by "
                              f"{written}; resume with --optimizer {written}")
-        super().load_optimizer_state(state)
 
     # ---- sampling with a KV cache ------------------------------------------------------------------
     def kv_cache(self, max_len: int) -> "KVCache":

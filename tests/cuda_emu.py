@@ -476,7 +476,7 @@ class Emulator:
             monkeypatch.setattr(module, "default_handle", self._default_handle)
             monkeypatch.setattr(module, "set_default_handle", self._set_default_handle)
         monkeypatch.setattr(llmpy.gpu.engine, "device_description", lambda: ("CPU emulator", "sm_90"))
-        monkeypatch.setattr(llmpy.gpu.engine.GPUGPT, "synchronize", lambda model: None)
+        monkeypatch.setattr(llmpy.gpu.engine.ArenaEngine, "synchronize", lambda model: None)
         monkeypatch.setattr(cp, "empty", lambda shape, dtype=np.float32, order="C": self.empty(shape, dtype))
         monkeypatch.setattr(cp, "zeros", lambda shape, dtype=np.float32, order="C": self.zeros(shape, dtype))
         monkeypatch.setattr(cp, "zeros_like", lambda a, dtype=None: self.zeros(a.shape, dtype or a.dtype))

@@ -216,7 +216,162 @@ def _op_scratch(config: GPTConfig, B: int, T: int, dtype) -> list:
 # The model
 
 
-class GPUGPT(GPT):
+class ArenaEngine:
+    """What a one-GPU engine over an `Arena` shares (GPUGPT here, llmpy/gpu/nanochat_engine.py's
+    NanoChatGPU): parameter upload into bf16 + master, token staging into the arena's fixed buffers,
+    parameters out, the memory report, and close() / `with`. The engine provides the attributes these
+    read: config (vocab_size), dtype, num_parameters, B, T, arena, params, grads, m, v, master, norm,
+    ops (_ArenaOps), _captured_ops, _acts, p, g, graph, update_graph, lt, _prev_lt, _closed."""
+
+    def _open(self, arena, ops, params, tf32: bool):
+        """Allocate the arena (one clear line when it does not fit), bind the views (the engine's _bind),
+        upload the params; on any error everything allocated so far is given back."""
+        import cupy as cp
+        self.arena = arena
+        try:
+            arena.open()
+        except cp.cuda.memory.OutOfMemoryError:
+            raise LlmpyError(f"out of GPU memory: the training buffers need {arena.nbytes / 2**30:.2f} "
+                             f"GiB (B={self.B}, T={self.T}); lower -b or -t") from None
+        try:
+            self._bind(ops, tf32)
+            if params is not None:
+                self.load_params(params)
+            self.peak_tflops = peak_tflops(device_description()[0], "fp32" if self.dtype == F32 else "bf16")
+        except BaseException:
+            self.close()
+            raise
+
+    def load_params(self, params):
+        """Upload host float32 parameters (N,), rounded to nearest into bf16; the master weights are
+        the widened bf16 values, as llm.c's first update initialises them."""
+        host = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
+        if host.size != self.num_parameters:
+            raise ValueError(f"params has {host.size} elements, the model has {self.num_parameters}")
+        stored = host.astype(self.dtype)            # bf16: round to nearest even
+        _upload(self.params, stored)
+        if self.master is not None:
+            _upload(self.master, stored.astype(np.float32))
+
+    def _stage(self, name: str, tokens):
+        """Tokens (B, T), NumPy or CuPy -> the int32 device array the kernels read. The training shape
+        goes into the arena's fixed buffer (what a graph replay reads), other shapes into a new array."""
+        cp, host = self.xp, isinstance(tokens, np.ndarray)
+        if host and tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:   # llm.c checks on the host too
+                raise ValueError(f"{name}: token ids must be in [0, {self.config.vocab_size}), "
+                                 f"got [{lo}, {hi}]")
+        if tuple(tokens.shape) != (self.B, self.T):
+            return cp.ascontiguousarray(cp.asarray(tokens, dtype=np.int32))
+        buf = self.arena[name]
+        if host:
+            tokens = np.array(tokens, dtype=np.int32, order="C")  # a copy: the caller may reuse its array
+            buf.set(tokens)                             # on the current stream
+            if name == "inp":
+                self.ops.inp_host = tokens
+        elif tokens.data.ptr != buf.data.ptr:
+            cp.copyto(buf, tokens, casting="same_kind")
+            if name == "inp":
+                self.ops.inp_host = None                # the encoder backward reads it back if needed
+        return buf
+
+    @property
+    def checkpoint_dtype(self) -> str:
+        return "fp32" if self.dtype == F32 else "bf16"
+
+    def params_f32(self) -> np.ndarray:
+        """The live parameters as host float32 (for bf16 exactly the bf16 values, which is what llm.c's
+        bf16 model file holds; the master weights go to the state file)."""
+        return _download(self.params).astype(np.float32)
+
+    def _views(self, flat) -> dict:
+        return carve(flat, self.shapes) if flat is not None else dict.fromkeys(self.shapes)
+
+    def grad_norm(self) -> float:
+        self.ops.global_norm_squared(self.norm, self.grads)
+        return float(np.sqrt(float(self.norm.get()[0])))
+
+    def optimizer_state(self) -> dict:
+        return {"m": _download(self.m), "v": _download(self.v),
+                "master": None if self.master is None else _download(self.master)}
+
+    def load_optimizer_state(self, state: dict):
+        """Restore m, v and master from a state file (llmpy.checkpoint.load_state); with master weights,
+        regenerate the params from them with the seeds of the last update, as llm.c's resume does."""
+        n = self.num_parameters
+        _upload(self.m, _host_f32(state["m"], n, "m"))
+        _upload(self.v, _host_f32(state["v"], n, "v"))
+        master = state.get("master")
+        if self.master is None:
+            if master is not None:
+                self.log("state file has master weights but this run keeps none: ignoring them")
+            return
+        if master is None:
+            raise LlmpyError("the state file has no master weights; resume with -w 0 (as llm.c requires)")
+        if state.get("rng_state_last_update") is None:
+            raise LlmpyError("the state file has no rng_state_last_update: cannot restore the params "
+                             "from the master weights bit-exactly")
+        _upload(self.master, _host_f32(master, n, "master"))
+        self.init_from_master(adamw_seeds(int(state["rng_state_last_update"])))
+
+    # ---- device ------------------------------------------------------------------------------------
+    def synchronize(self):
+        self.xp.cuda.Device().synchronize()
+
+    def memory_report(self) -> str:
+        cp, mib = self.xp, 2.0**-20
+        groups = {"params": ("params",), "grads": ("grads",), "AdamW m+v": ("adam_m", "adam_v"),
+                  "master": ("master",), "activations": ("act.", "dact."), "cuBLASLt": ("lt_workspace",)}
+        sizes = {g: sum(s.nbytes for s in self.arena.layout.slots if s.name.startswith(prefixes))
+                 for g, prefixes in groups.items()}
+        free, total = cp.cuda.runtime.memGetInfo()
+        parts = ", ".join(f"{g} {b * mib:.1f}" for g, b in sizes.items() if b)
+        return (f"memory: arena {self.arena.nbytes * mib:.1f} MiB ({parts}); "
+                f"pool {cp.get_default_memory_pool().used_bytes() * mib:.1f} MiB in use; "
+                f"device {(total - free) * mib:.0f} / {total * mib:.0f} MiB")
+
+    def close(self):
+        """Release all device memory, so the pool is back where it was before the model; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        from llmpy.gpu import cublaslt
+        try:
+            self.synchronize()
+        finally:
+            for graph in (self.graph, self.update_graph):
+                if graph is not None:
+                    graph.close()
+            self._acts.clear()
+            self.params = self.grads = self.m = self.v = self.master = self.norm = None
+            self.p, self.g = {}, {}
+            if isinstance(getattr(self, "ops", None), _ArenaOps):
+                self.ops = self.ops.base
+            self._captured_ops = None
+            if self.lt is not None:
+                if cublaslt.default_handle() is self.lt:
+                    cublaslt.set_default_handle(self._prev_lt)
+                self.lt.close()
+            self.lt = self._prev_lt = None
+            self.arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            self.close()
+            return
+        # the traceback's frames still reference arena views (the locals of forward/backward) until the
+        # exception is handled, so the arena's "views outlived it" warning would be noise: the blocks
+        # go back to the pool as soon as the exception is dropped
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self.close()
+
+
+class GPUGPT(ArenaEngine, GPT):
     """GPT-2 on one GPU with llm.c's training state; use as `with GPUGPT(...) as model:`.
 
     dtype 'bf16' (params, grads, activations; fp32 m, v and master) or 'fp32'. batch_size/seq_len: the
@@ -262,22 +417,10 @@ class GPUGPT(GPT):
         self.graph = StepGraph(log=log) if cuda_graph else None
         self.update_graph = StepGraph(log=log) if cuda_graph else None
         scratch = _op_scratch(config, batch_size, seq_len, self.dtype)
-        self.arena = Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
-                                        master_weights=self.master_weights, recompute=self.recompute_gelu,
-                                        flash=self.flash_attention, optimizer_state=optimizer_state))
-        try:
-            self.arena.open()
-        except cp.cuda.memory.OutOfMemoryError:
-            raise LlmpyError(f"out of GPU memory: the training buffers need {self.arena.nbytes / 2**30:.2f} "
-                             f"GiB (B={batch_size}, T={seq_len}); lower -b or -t") from None
-        try:
-            self._bind(ops, tf32)
-            if params is not None:
-                self.load_params(params)
-            self.peak_tflops = peak_tflops(device_description()[0], "fp32" if self.dtype == F32 else "bf16")
-        except BaseException:
-            self.close()
-            raise
+        self._open(Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
+                                      master_weights=self.master_weights, recompute=self.recompute_gelu,
+                                      flash=self.flash_attention, optimizer_state=optimizer_state)),
+                   ops, params, tf32)
 
     def _bind(self, ops, tf32: bool):
         """Arena views (zeroed) for every buffer; the engine's cuBLASLt handle becomes the default."""
@@ -305,41 +448,7 @@ class GPUGPT(GPT):
         self.lt = cublaslt.CublasLt(a["lt_workspace"], tf32=tf32)
         cublaslt.set_default_handle(self.lt)
 
-    def load_params(self, params):
-        """Upload host float32 parameters (N,), rounded to nearest into bf16; the master weights are
-        the widened bf16 values, as llm.c's first update initialises them."""
-        host = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
-        if host.size != self.num_parameters:
-            raise ValueError(f"params has {host.size} elements, the model has {self.num_parameters}")
-        stored = host.astype(self.dtype)            # bf16: round to nearest even
-        _upload(self.params, stored)
-        if self.master is not None:
-            _upload(self.master, stored.astype(np.float32))
-
     # ---- forward / backward ------------------------------------------------------------------------
-    def _stage(self, name: str, tokens):
-        """Tokens (B, T), NumPy or CuPy -> the int32 device array the kernels read. The training shape
-        goes into the arena's fixed buffer (what a graph replay reads), other shapes into a new array."""
-        cp, host = self.xp, isinstance(tokens, np.ndarray)
-        if host and tokens.size:
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.config.vocab_size:   # llm.c checks on the host too
-                raise ValueError(f"{name}: token ids must be in [0, {self.config.vocab_size}), "
-                                 f"got [{lo}, {hi}]")
-        if tuple(tokens.shape) != (self.B, self.T):
-            return cp.ascontiguousarray(cp.asarray(tokens, dtype=np.int32))
-        buf = self.arena[name]
-        if host:
-            tokens = np.array(tokens, dtype=np.int32, order="C")  # a copy: the caller may reuse its array
-            buf.set(tokens)                             # on the current stream
-            if name == "inp":
-                self.ops.inp_host = tokens
-        elif tokens.data.ptr != buf.data.ptr:
-            cp.copyto(buf, tokens, casting="same_kind")
-            if name == "inp":
-                self.ops.inp_host = None                # the encoder backward reads it back if needed
-        return buf
-
     def forward(self, inp):
         return super().forward(self._stage("inp", inp))
 
@@ -372,16 +481,9 @@ class GPUGPT(GPT):
         self.ops.encoder_backward(self.g["wte"], self.g["wpe"], dresidual, inp_d, seed=seed)
 
     # ---- optimizer ---------------------------------------------------------------------------------
-    def _views(self, flat) -> dict:
-        return carve(flat, self.shapes) if flat is not None else dict.fromkeys(self.shapes)
-
     def _slices(self, name: str) -> int:
         """AdamW launches per-layer stacks as L slices (llm.c's grid); part of the rounding geometry."""
         return 1 if name in WHOLE_TENSORS else self.config.num_layers
-
-    def grad_norm(self) -> float:
-        self.ops.global_norm_squared(self.norm, self.grads)
-        return float(np.sqrt(float(self.norm.get()[0])))
 
     def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
                grad_scale: float = 1.0, seeds=None):
@@ -420,95 +522,9 @@ class GPUGPT(GPT):
             init_from_master(self.p[name], master[name], seed=int(seeds[i]), num_slices=self._slices(name))
 
     # ---- state in and out --------------------------------------------------------------------------
-    @property
-    def checkpoint_dtype(self) -> str:
-        return "fp32" if self.dtype == F32 else "bf16"
-
-    def params_f32(self) -> np.ndarray:
-        """The live parameters as host float32 (for bf16 exactly the bf16 values, which is what llm.c's
-        bf16 model file holds; the master weights go to the state file)."""
-        return _download(self.params).astype(np.float32)
-
-    def optimizer_state(self) -> dict:
-        return {"m": _download(self.m), "v": _download(self.v),
-                "master": None if self.master is None else _download(self.master)}
-
-    def load_optimizer_state(self, state: dict):
-        """Restore m, v and master from a state file (llmpy.checkpoint.load_state); with master weights,
-        regenerate the params from them with the seeds of the last update, as llm.c's resume does."""
-        n = self.num_parameters
-        _upload(self.m, _host_f32(state["m"], n, "m"))
-        _upload(self.v, _host_f32(state["v"], n, "v"))
-        master = state.get("master")
-        if self.master is None:
-            if master is not None:
-                self.log("state file has master weights but this run keeps none: ignoring them")
-            return
-        if master is None:
-            raise LlmpyError("the state file has no master weights; resume with -w 0 (as llm.c requires)")
-        if state.get("rng_state_last_update") is None:
-            raise LlmpyError("the state file has no rng_state_last_update: cannot restore the params "
-                             "from the master weights bit-exactly")
-        _upload(self.master, _host_f32(master, n, "master"))
-        self.init_from_master(adamw_seeds(int(state["rng_state_last_update"])))
-
-    # ---- device ------------------------------------------------------------------------------------
-    def synchronize(self):
-        self.xp.cuda.Device().synchronize()
-
     def mfu(self, tokens_per_step: int, ms: float, T: int) -> float:
         return mfu_percent(flops_per_token(self.config, T), tokens_per_step, ms, self.peak_tflops)
 
-    def memory_report(self) -> str:
-        cp, mib = self.xp, 2.0**-20
-        groups = {"params": ("params",), "grads": ("grads",), "AdamW m+v": ("adam_m", "adam_v"),
-                  "master": ("master",), "activations": ("act.", "dact."), "cuBLASLt": ("lt_workspace",)}
-        sizes = {g: sum(s.nbytes for s in self.arena.layout.slots if s.name.startswith(prefixes))
-                 for g, prefixes in groups.items()}
-        free, total = cp.cuda.runtime.memGetInfo()
-        parts = ", ".join(f"{g} {b * mib:.1f}" for g, b in sizes.items() if b)
-        return (f"memory: arena {self.arena.nbytes * mib:.1f} MiB ({parts}); "
-                f"pool {cp.get_default_memory_pool().used_bytes() * mib:.1f} MiB in use; "
-                f"device {(total - free) * mib:.0f} / {total * mib:.0f} MiB")
-
-    def close(self):
-        """Release all device memory, so the pool is back where it was before the model; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        from llmpy.gpu import cublaslt
-        try:
-            self.synchronize()
-        finally:
-            for graph in (self.graph, self.update_graph):
-                if graph is not None:
-                    graph.close()
-            self._acts.clear()
-            self.params = self.grads = self.m = self.v = self.master = self.norm = None
-            self.p, self.g = {}, {}
-            if isinstance(getattr(self, "ops", None), _ArenaOps):
-                self.ops = self.ops.base
-            self._captured_ops = None
-            if self.lt is not None:
-                if cublaslt.default_handle() is self.lt:
-                    cublaslt.set_default_handle(self._prev_lt)
-                self.lt.close()
-            self.lt = self._prev_lt = None
-            self.arena.close()
-
-    def __enter__(self) -> "GPUGPT":
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None:
-            self.close()
-            return
-        # the traceback's frames still reference arena views (the locals of forward/backward) until the
-        # exception is handled, so the arena's "views outlived it" warning would be noise: the blocks
-        # go back to the pool as soon as the exception is dropped
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            self.close()
 
 
 def _upload(dev, host: np.ndarray):
