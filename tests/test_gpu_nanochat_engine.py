@@ -86,6 +86,31 @@ def test_bf16_engine_step_matches_the_cpu_model_within_a_bf16_budget(backend, op
     check_bf16_step(GQA, 2, 16, optimizer)
 
 
+def test_fp32_engine_matches_the_cpu_model(backend):
+    """--dtype fp32: no master weights; the loss, every gradient and an AdamW step as the CPU model's."""
+    cfg, B, T = GQA, 2, 16
+    params = start_params(cfg)
+    inp, tgt = batches(cfg, B, T)[0]
+    cpu = NanoChat(cfg, llmpy.cpu, params=params)
+    with engine(cfg, B, T, params, dtype="fp32") as gpu:
+        assert gpu.master is None and gpu.checkpoint_dtype == "fp32"
+        for m in (cpu, gpu):
+            m.zero_grad()
+            m.forward_backward(inp, tgt, 1.0 / tgt.size)
+        assert abs(gpu.mean_loss(tgt.size) - cpu.mean_loss(tgt.size)) < 1e-5 * cpu.mean_loss(tgt.size)
+        g_gpu = carve(host(gpu.grads), param_shapes(cfg))
+        for name, g_cpu in cpu.g.items():
+            np.testing.assert_allclose(g_gpu[name], g_cpu, rtol=0, atol=1e-4 * np.abs(g_cpu).max(), err_msg=name)
+        kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-4, weight_decay=0.1, t=1)
+        cpu.update(**kw)
+        gpu.update(**kw)
+        p_gpu, start = carve(gpu.params_f32(), param_shapes(cfg)), carve(params, param_shapes(cfg))
+        for name, p_cpu in cpu.p.items():
+            step = p_cpu - start[name]
+            np.testing.assert_allclose(p_gpu[name] - start[name], step, rtol=0, atol=1e-3 * np.abs(step).max(),
+                                       err_msg=name)
+
+
 @pytest.mark.slow
 def test_bf16_engine_step_at_gpt2_124m_width(backend):
     """The 124M-size layer: n_embd 768, 6 heads of 128 (nanochat's d12), 2 kv heads, the GPT-2 vocabulary;
