@@ -2,9 +2,9 @@
 llmpy.cpu: loss, every parameter gradient, and an AdamW and a Muon step; in float32 closely, and with
 bf16 storage (float32 master weights) within a bf16 budget.
 
-Not the GPU engine (llmpy/gpu/engine.py: arena, bf16 with master weights, CUDA graphs), which drives
-GPT-2 only: the model class takes the GPU backend as it is, with CuPy arrays, so this checks that every
-op the model calls exists on the GPU with the CPU's contract and that the kernels compose. On the
+Not the GPU engine (llmpy/gpu/nanochat_engine.py, tested in test_gpu_nanochat_engine.py): here the model
+class takes the GPU backend as it is, with CuPy arrays, so this checks that every op the model calls
+exists on the GPU with the CPU's contract and that the kernels compose. On the
 emulator in CI (a few seconds at this size) and on a GPU (gpu marker).
 """
 import numpy as np
@@ -88,8 +88,8 @@ def test_gpu_ops_train_the_nanochat_model_as_the_cpu_does(backend, cfg, optimize
 
 # -------------------------------------------------------------------------------------------------
 # bf16: the storage llm.c's GPU engine uses (bf16 parameters, gradients and activations; float32 master
-# weights, optimizer moments, rstd and losses), on the same eager model. A stand-in for a nanochat GPU
-# engine, which does not exist yet: it shows the bf16 kernels compose through the whole model.
+# weights, optimizer moments, rstd and losses), on the same eager model. A test-side stand-in written before
+# llmpy/gpu/nanochat_engine.py: it shows the bf16 kernels compose through the whole model.
 
 
 class BF16NanoChat(NanoChat):
