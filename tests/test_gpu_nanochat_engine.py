@@ -122,15 +122,18 @@ def test_bf16_engine_step_at_gpt2_124m_width(backend):
     print(f"loss cpu {loss_cpu:.6f} gpu {loss_gpu:.6f}; grad errors {errors}; steps {steps}")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_graph_replay_equals_eager_bitwise(backend, optimizer):
+@pytest.mark.parametrize("optimizer,master_weights", [("adamw", True), ("muon", True), ("muon", False)],
+                         ids=["adamw", "muon", "muon-w0"])
+def test_graph_replay_equals_eager_bitwise(backend, optimizer, master_weights):
     """Graphs on and off give the same bits: losses, params, m, v, master. 2 micro-steps per step, then 1:
-    dloss changes, so the micro-step graph is captured twice."""
+    dloss changes, so the micro-step graph is captured twice. -w 0: bf16 params updated in place."""
     cfg, B, T = GQA, 2, 16
     data = batches(cfg, B, T, n=3)
     results = {}
     for graph in (False, True):
-        with engine(cfg, B, T, start_params(cfg), optimizer=optimizer, cuda_graph=graph) as model:
+        with engine(cfg, B, T, start_params(cfg), optimizer=optimizer, cuda_graph=graph,
+                    master_weights=master_weights) as model:
+            assert (model.master is not None) == master_weights
             rng = XorShiftStar(1337)
             losses, _ = train(model, data, 3, rng, accum=2)
             more, _ = train(model, data, 2, rng, start=3)
@@ -141,7 +144,9 @@ def test_graph_replay_equals_eager_bitwise(backend, optimizer):
                 assert model.update_graph.disabled is None and model.update_graph.replays == 4
     (l0, p0, s0), (l1, p1, s1) = results[False], results[True]
     assert l1 == l0 and l0[-1] < l0[0]
-    assert np.array_equal(p1, p0) and all(np.array_equal(s1[k], s0[k]) for k in ("m", "v", "master"))
+    assert np.array_equal(p1, p0) and all(np.array_equal(s1[k], s0[k]) for k in ("m", "v"))
+    assert (s1["master"] is None) == (s0["master"] is None) != master_weights
+    assert not master_weights or np.array_equal(s1["master"], s0["master"])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
