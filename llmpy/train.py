@@ -389,11 +389,12 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         # ---- one optimizer step ----
         t0 = time.perf_counter()
         model.zero_grad()
-        for _ in range(grad_accum):
+        for micro in range(grad_accum):
             if cfg.overfit_single_batch:
                 train_loader.reset()
             inp, tgt = train_loader.next_batch()
-            model.forward_backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
+            dp.forward_backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32(),
+                                last=micro == grad_accum - 1)
         dp.reduce_gradients()
         loss = dp.mean_loss(B * T * grad_accum)
         zl = loss_z.update(loss)
