@@ -103,6 +103,32 @@ def test_one_process_stage_1_is_the_stage_0_step():
     np.testing.assert_array_equal(s1["v"], s0["v"])
 
 
+def test_only_several_ranks_on_an_engine_that_reports_layers_get_a_comm_stream(monkeypatch):
+    """One process (or the CPU model, or overlap=False) makes no stream and no events: today's step at no
+    cost. Two ranks on an engine whose backward reports its layers get one stream and two events."""
+    import llmpy.dist.overlap as overlap
+    made = []
+
+    class Cuda:
+        Stream = staticmethod(lambda non_blocking=False: made.append("stream"))
+        Event = staticmethod(lambda disable_timing=False: made.append("event"))
+
+    class TwoRanks(SingleProcess):
+        size = 2
+
+    class Engine:
+        reduces_in_backward, config = True, TINY
+
+    monkeypatch.setattr(overlap, "cuda_module", lambda: Cuda)
+    quiet = dict(log=lambda *a: None)
+    assert DataParallel(Engine(), SingleProcess(), 0, **quiet).reducer is None
+    assert DataParallel(Engine(), TwoRanks(), 0, overlap=False, **quiet).reducer is None
+    assert DataParallel(type("CpuModel", (), {})(), TwoRanks(), 0, **quiet).reducer is None
+    assert made == []
+    assert DataParallel(Engine(), TwoRanks(), 0, **quiet).reducer is not None
+    assert made == ["stream", "event", "event"]
+
+
 # -------------------------------------------------------------------------------------------------
 # Bootstrap: flags, and the id exchange of each init method
 
