@@ -48,6 +48,21 @@ def bf16_bits_to_f32(u) -> np.ndarray:
     return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def count_nonfinite(a) -> int:
+    """How many NaN/Inf values `a` holds (in chunks, so a 124M-parameter check needs no big temporary)."""
+    flat = np.asarray(a).reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + CONVERT_CHUNK])))
+               for i in range(0, flat.size, CONVERT_CHUNK))
+
+
+def require_finite(what: str, **arrays) -> None:
+    """LlmpyError when any of the named arrays (None skipped) holds NaN or Inf."""
+    bad = {name: n for name, a in arrays.items() if a is not None and (n := count_nonfinite(a))}
+    if bad:
+        raise LlmpyError(f"{what}: " + ", ".join(f"{n:,} non-finite values (NaN/Inf) in {name}"
+                                                for name, n in bad.items()))
+
+
 # -------------------------------------------------------------------------------------------------
 # Model files
 
@@ -91,6 +106,7 @@ def load_model(path: str) -> tuple[GPTConfig, np.ndarray]:
         params = np.empty(n, dtype=np.float32)
         for i in range(0, n, CONVERT_CHUNK):
             params[i:i + CONVERT_CHUNK] = bf16_bits_to_f32(raw[i:i + CONVERT_CHUNK])
+    require_finite(f"{path}: refusing a damaged model", parameters=params)
     return cfg, params.astype(np.float32, copy=False)
 
 
@@ -204,6 +220,8 @@ def load_state(path: str, *, num_parameters: int, num_processes: int | None = No
                              f"for {n_shards} shards and {n_samples} samples; truncated or corrupt")
         loader_state.update(shard_perm=shard_perm.astype(np.int32), intra_perm=intra_perm.astype(np.int32),
                             rng=bytes(tail[pos:]))
+    require_finite(f"{path}: refusing a damaged state file", m=arrays[0], v=arrays[1],
+                   master=arrays[2] if has_master else None)
     return {"step": int(h[SLOT_STEP]), "m": arrays[0], "v": arrays[1],
             "master": arrays[2] if has_master else None,
             "rng_state": u64(SLOT_RNG), "rng_state_last_update": u64(SLOT_RNG_LAST_UPDATE),
@@ -226,14 +244,18 @@ def done_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"DONE_{step:08d}")
 
 
-def latest_done_step(out_dir: str) -> int | None:
-    """The largest step with a DONE marker in out_dir (where `-y 1` resumes), or None."""
+def done_steps(out_dir: str) -> list[int]:
+    """The steps with a DONE marker in out_dir, newest first (where `-y 1` looks)."""
     try:
         names = os.listdir(out_dir)
     except FileNotFoundError:
-        return None
-    steps = [int(n[5:]) for n in names if n.startswith("DONE_") and n[5:].isdigit()]
-    return max(steps, default=None)
+        return []
+    return sorted((int(n[5:]) for n in names if n.startswith("DONE_") and n[5:].isdigit()), reverse=True)
+
+
+def latest_done_step(out_dir: str) -> int | None:
+    """The largest step with a DONE marker in out_dir, or None."""
+    return next(iter(done_steps(out_dir)), None)
 
 
 def mark_done(out_dir: str, step: int) -> None:
@@ -247,7 +269,10 @@ def write_checkpoint(out_dir: str, step: int, cfg: GPTConfig, params, *, dtype: 
 
     `state` holds the keyword arguments of `save_state` (m, v, master, rng_state, ...). With
     several processes pass done=False and call `mark_done` on rank 0 after a barrier, as llm.c does.
+    A model or state holding NaN/Inf is refused (LlmpyError) before anything is written.
     """
+    require_finite(f"step {step}: not writing a checkpoint", parameters=params if rank == 0 else None,
+                   m=state.get("m"), v=state.get("v"), master=state.get("master"))
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
         save_model(model_path(out_dir, step), cfg, params, dtype=dtype)

@@ -8,9 +8,11 @@ step made of grad_accum micro-steps. Output matches llm.c: one stdout line per s
 from __future__ import annotations
 
 import dataclasses
+import glob as globlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections import deque
@@ -23,6 +25,7 @@ from llmpy.data import DataLoader
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
 from llmpy.rng import XorShiftStar, init_params
+from llmpy.rundir import Interrupted, OutputDir, SignalStop, config_record, new_run_dir, os_error, report_run
 
 
 def flag(short: str, default, help: str, **kw):
@@ -34,24 +37,27 @@ def flag(short: str, default, help: str, **kw):
 class TrainConfig:
     # data and model
     train_data: str = flag("-i", "", "train token shards (glob); empty: the embedded default corpus")
-    val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split")
+    val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split, or the "
+                                   "shards beside -i with 'val' for 'train' in their names")
     model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN "
                                 "(empty: d12)")
-    output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl and checkpoints")
+    output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl, checkpoints and loss.png; one run "
+                                     "at a time (empty: nothing is written, or runs/<time> for the embedded corpus)")
     # checkpoints
     checkpoint_every: int = flag("-n", 0, "write a checkpoint every N steps (0: never)")
     checkpoints_keep: int = flag("-nk", 0, "keep only the last N checkpoints (0: all)")
     major_checkpoint_every: int = flag("-nm", 0, "never delete checkpoints at multiples of N")
-    resume: int = flag("-y", 0, "1: resume from the latest DONE_ checkpoint in -o")
+    resume: int = flag("-y", 0, "1: resume the run in -o from its newest readable checkpoint (none yet: "
+                                "start at step 0)", choices=(0, 1))
     # batch
     batch_size: int = flag("-b", 4, "micro-batch size B")
     seq_len: int = flag("-t", 1024, "sequence length T (<= the model's max_seq_len)")
     total_batch_size: int = flag("-d", -1, "tokens per optimizer step (-1: B*T); sets grad accumulation")
     # optimization
-    max_steps: int = flag("-x", -1, "number of optimizer steps (-1: one epoch)")
+    max_steps: int = flag("-x", -1, "number of optimizer steps, positive (-1: one epoch)")
     lr_schedule: str = flag("-k", "cosine", "learning-rate schedule", choices=("cosine", "linear", "constant",
                                                                                "wsd"))
-    learning_rate: float = flag("-l", 3e-4, "peak learning rate")
+    learning_rate: float = flag("-l", 3e-4, "peak learning rate (positive)")
     warmup_steps: int = flag("-u", 0, "linear warmup steps")
     final_lr_frac: float = flag("-q", 1.0, "final learning rate as a fraction of the peak")
     weight_decay: float = flag("-c", 0.0, "AdamW weight decay (2-D weights only)")
@@ -59,25 +65,27 @@ class TrainConfig:
     skip_norm_z: float = flag("-sg", 0.0, "skip the update when the grad-norm z-score exceeds this (0: off)")
     # evaluation
     val_every: int = flag("-v", 20, "validate every N steps (0: never)")
-    val_max_steps: int = flag("-m", 20, "validation batches (-1: the whole val split)")
+    val_max_steps: int = flag("-m", 20, "validation batches, positive (-1: the whole val split; -v 0 turns "
+                                        "validation off)")
     sample_every: int = flag("-s", 20, "generate a sample every N steps (<= 0: never)")
     gen_len: int = flag("-g", 64, "tokens per generated sample")
-    hellaswag: int = flag("-h", 0, "1: evaluate HellaSwag at every validation")
-    overfit_single_batch: int = flag("-a", 0, "1: train on the first val batch only (no shuffle)")
+    hellaswag: int = flag("-h", 0, "1: evaluate HellaSwag at every validation", choices=(0, 1))
+    overfit_single_batch: int = flag("-a", 0, "1: train on the first val batch only (no shuffle)", choices=(0, 1))
     # numerics and device
-    tf32: int = flag("-f", 1, "1: allow TF32 matmuls in fp32 mode (GPU)")
-    master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)")
-    gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward")
-    zero_stage: int = flag("-z", 0, "ZeRO stage (single process: 0)")
-    recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)")
+    tf32: int = flag("-f", 1, "1: allow TF32 matmuls in fp32 mode (GPU)", choices=(0, 1))
+    master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)", choices=(0, 1))
+    gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward",
+                            choices=(0, 1, 2))
+    zero_stage: int = flag("-z", 0, "ZeRO stage (single process: 0)", choices=(0, 1, 2, 3))
+    recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)", choices=(0, 1))
     log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
     device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
     dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on GPUs of sm_80+, else fp32)",
                       choices=("auto", "fp32", "bf16"))
-    cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it")
+    cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it", choices=(0, 1))
     flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "
-                                       "(0: llm.c's materialised attention)")
-    seed: int = flag("", 1337, "seed for sampling during training (llm.c: 1337)")
+                                       "(0: llm.c's materialised attention)", choices=(0, 1))
+    seed: int = flag("", 1337, "seed for sampling during training, 1..2**64-1 (llm.c: 1337)")
 
 
 BETA1, BETA2, EPS = 0.9, 0.95, 1e-8   # AdamW as in llm.c's trainer
@@ -92,18 +100,22 @@ def embedded_preset(device: str) -> dict:
     """Defaults for a run on the embedded corpus: a few minutes on this device, falling losses, samples."""
     if device == "cuda":   # GPT-2 124M at full context
         return dict(model="d12", batch_size=8, seq_len=1024, max_steps=300, learning_rate=6e-4, warmup_steps=30,
-                    final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=100)
+                    final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=100,
+                    checkpoint_every=100, checkpoints_keep=1)
     return dict(model="d6", batch_size=4, seq_len=128, max_steps=250, learning_rate=1e-3, warmup_steps=20,
-                final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=125)
+                final_lr_frac=0.1, weight_decay=0.1, val_every=50, val_max_steps=10, sample_every=125,
+                checkpoint_every=50, checkpoints_keep=1)
 
 
 def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> TrainConfig:
     """cfg with the embedded preset filled in for every field the user did not set explicitly
-    (only when no -i is given)."""
+    (only when no -i is given), and without -o a new folder runs/<time>, so the run keeps what it trained."""
     if cfg.train_data:
         return cfg
     device = resolve_device(cfg.device)
     preset = {k: v for k, v in embedded_preset(device).items() if k not in explicit}
+    if "output_dir" not in explicit:
+        preset["output_dir"] = new_run_dir()
     flags = " ".join(f"{_flag_name(k)} {v}" for k, v in preset.items())
     log(f"preset: embedded corpus on {device}: {flags} (flags you give override these)")
     return dataclasses.replace(cfg, **preset)
@@ -112,6 +124,13 @@ def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> Tra
 def _flag_name(field_name: str) -> str:
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == field_name)
     return f.metadata["short"] or "--" + field_name.replace("_", "-")
+
+
+def _flag_label(field_name: str) -> str:
+    """'-b/--batch-size' (or '--seed' for a flag without a short form), as errors name flags."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == field_name)
+    long = "--" + field_name.replace("_", "-")
+    return f"{f.metadata['short']}/{long}" if f.metadata["short"] else long
 
 
 # -------------------------------------------------------------------------------------------------
@@ -155,23 +174,22 @@ class OutlierDetector:
 
 
 class RunLog:
-    """main.log in llm.c's format plus metrics.jsonl; both append-only, opened per write (crash-safe)."""
+    """main.log in llm.c's format plus metrics.jsonl; both append-only, opened per write (crash-safe).
+    A fresh run starts them empty because llmpy.rundir moved an earlier run's files out of -o."""
 
-    def __init__(self, out_dir: str, *, append: bool):
+    def __init__(self, out_dir: str):
         self.out_dir = out_dir
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            if not append:
-                for name in ("main.log", "metrics.jsonl"):
-                    open(os.path.join(out_dir, name), "w").close()
 
     def write(self, line: str, record: dict):
         if not self.out_dir:
             return
-        with open(os.path.join(self.out_dir, "main.log"), "a") as f:
-            f.write(line + "\n")
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        for name, text in (("main.log", line), ("metrics.jsonl", json.dumps(record))):
+            path = os.path.join(self.out_dir, name)
+            try:
+                with open(path, "a") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                raise os_error(e, path) from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -209,41 +227,40 @@ def model_factory(cfg: TrainConfig, device: str, *, log=print):
     return lambda gpt_cfg, params: GPT(gpt_cfg, ops, params=params)
 
 
-def build_model(model_spec: str, make_model, seq_len: int) -> GPT:
-    """A GPT from a .bin checkpoint (v3 fp32 or v5 bf16) or a descriptor with llm.c's random init;
-    make_model(gpt_config, host_float32_params) builds it on the chosen backend."""
-    if model_spec.endswith(".bin"):
-        gpt_cfg, params = checkpoint.load_model(model_spec)
-    else:
-        try:
-            gpt_cfg = GPTConfig.from_descriptor(model_spec)
-        except ValueError as e:
-            raise LlmpyError(f"-e {model_spec}: {e}") from None
-        params = init_params(gpt_cfg)
-    if seq_len > gpt_cfg.max_seq_len:
-        raise LlmpyError(f"-t/--seq-len {seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
-    return make_model(gpt_cfg, params)
+# which numeric flags take which values (the choices of 0/1 and other small flags live in TrainConfig)
+POSITIVE = ("batch_size", "seq_len", "gen_len", "learning_rate")
+NON_NEGATIVE = ("checkpoint_every", "checkpoints_keep", "major_checkpoint_every", "warmup_steps", "weight_decay",
+                "skip_loss_z", "skip_norm_z", "val_every")
+POSITIVE_OR_MINUS_ONE = ("max_steps", "val_max_steps", "total_batch_size", "log_gpu_every")
 
 
 def check_config(cfg: TrainConfig):
-    """Flag checks that need no files; each error names its flag."""
-    positive = {"-b/--batch-size": cfg.batch_size, "-t/--seq-len": cfg.seq_len, "-g/--gen-len": cfg.gen_len}
-    for name, value in positive.items():
-        if value <= 0:
-            raise LlmpyError(f"{name} must be positive, got {value}")
-    if cfg.total_batch_size != -1 and cfg.total_batch_size <= 0:
-        raise LlmpyError(f"-d/--total-batch-size must be positive or -1, got {cfg.total_batch_size}")
+    """Flag checks that need no files; each error names its flag. Runs before anything is read or written."""
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LlmpyError(f"{_flag_label(f.name)} must be a finite number, got {value}")
+        if choices and value not in choices:
+            raise LlmpyError(f"{_flag_label(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise LlmpyError(f"{_flag_label(name)} must be positive, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise LlmpyError(f"{_flag_label(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in POSITIVE_OR_MINUS_ONE:
+        if getattr(cfg, name) <= 0 and getattr(cfg, name) != -1:
+            raise LlmpyError(f"{_flag_label(name)} must be positive or -1, got {getattr(cfg, name)}"
+                             + ("; -v 0 turns validation off" if name == "val_max_steps" else ""))
     if cfg.total_batch_size > 0 and cfg.total_batch_size % (cfg.batch_size * cfg.seq_len):
         raise LlmpyError(f"-d/--total-batch-size {cfg.total_batch_size} is not a multiple of B*T = "
                          f"{cfg.batch_size * cfg.seq_len}")
     if cfg.resume and not cfg.output_dir:
         raise LlmpyError("-y/--resume 1 needs -o/--output-dir")
-    if cfg.warmup_steps < 0 or cfg.checkpoint_every < 0 or cfg.checkpoints_keep < 0:
-        raise LlmpyError("-u, -n and -nk must be >= 0")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise LlmpyError(f"-z/--zero-stage must be 0..3, got {cfg.zero_stage}")
     if not 0.0 <= cfg.final_lr_frac <= 1.0:
         raise LlmpyError(f"-q/--final-lr-frac must be in [0, 1], got {cfg.final_lr_frac}")
+    if not 0 < cfg.seed < 2 ** 64:   # a zero xorshift state stays zero: every sample would be token 0
+        raise LlmpyError(f"--seed must be in 1..2**64-1, got {cfg.seed}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -251,8 +268,15 @@ def check_config(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:
-    """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}."""
+    """Run training as configured. Returns {'losses': [...], 'val_losses': {...}, 'steps': S}.
+
+    Flags, data (token ids against the model's vocabulary), the model, a checkpoint to resume and -o are
+    all checked before the model is built and before anything in -o is written; then -o is locked for
+    this run (llmpy.rundir) and SIGTERM/SIGINT stop the run at a step boundary with a final checkpoint."""
     check_config(cfg)
+    out = OutputDir(cfg.output_dir) if cfg.output_dir else None
+    if out is not None:
+        out.check()
     device = resolve_device(cfg.device)
     if device == "cpu":
         log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
@@ -264,6 +288,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         from llmpy.corpus import prepare_default
         train_pat, default_val = prepare_default(log=log)
         val_pat = val_pat or default_val
+    elif not val_pat:
+        val_pat = find_val_split(train_pat, log)
     if cfg.hellaswag:   # fail before training, not at the first evaluation
         from llmpy.hellaswag import DEFAULT_PATH, read_eval_file
         if cfg.batch_size < 4:
@@ -274,25 +300,118 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             raise LlmpyError("-a/--overfit-single-batch 1 reads the val data: give -j/--val-data")
         train_pat = val_pat
 
-    # model: -y resumes from the latest DONE_ checkpoint, else -e
-    resume_step = checkpoint.latest_done_step(cfg.output_dir) if cfg.resume else None
-    model_spec = cfg.model or "d12"
-    if resume_step is not None:
-        model_spec = checkpoint.model_path(cfg.output_dir, resume_step)
-        log(f"resuming from {model_spec} (step {resume_step})")
-    with build_model(model_spec, make_model, cfg.seq_len) as model:
-        return _train_loop(cfg, model, train_pat, val_pat, resume_step, log)
+    # model: -y resumes from the newest readable DONE_ checkpoint of this run, else -e
+    resume = None
+    if cfg.resume:
+        out.check_resume(config_record(cfg))
+        resume = find_resume_point(cfg.output_dir, log)
+    if resume is not None:
+        gpt_cfg, params = resume.gpt_cfg, resume.params
+    else:
+        gpt_cfg, params = load_model_spec(cfg.model or "d12")
+    if cfg.seq_len > gpt_cfg.max_seq_len:
+        raise LlmpyError(f"-t/--seq-len {cfg.seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
+    plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, log)
+
+    # -o: from here on this run owns it
+    if out is None:
+        return _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, None, log)
+    checkpoints_seen = checkpoint.done_steps(cfg.output_dir)
+    out.lock()
+    try:
+        if checkpoint.done_steps(cfg.output_dir) != checkpoints_seen:
+            raise LlmpyError(f"-o {cfg.output_dir}: another run wrote checkpoints there while this one started; "
+                             "run the command again")
+        out.remove_temp_files(log)
+        out.claim(config_record(cfg), resume=bool(cfg.resume), log=log)
+        result = _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, out, log)
+        report_run(cfg.output_dir, resume_command=_resume_command(cfg), log=log)
+        return result
+    finally:
+        out.release()
 
 
-def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resume_step, log) -> dict:
-    """Everything after set-up: data, state, and the step loop (the model is closed by the caller)."""
-    gcfg = model.config
+def _resume_command(cfg: TrainConfig) -> str:
+    """How to resume this run: exact for the embedded preset (no -i), else 'the same flags'."""
+    o = shlex.quote(cfg.output_dir)
+    if not cfg.train_data:
+        return f"llmpy train -o {o} -y 1 -x {2 * cfg.max_steps}"
+    return f"llmpy train <the same flags> -o {o} -y 1"
+
+
+def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, out, log) -> dict:
+    with make_model(gpt_cfg, params) as model, SignalStop(enabled=out is not None) as stop:
+        return _train_loop(cfg, model, plan, resume, stop, log)
+
+
+def find_val_split(train_pat: str, log) -> str:
+    """The val shards beside -i when -j is not given: 'train' -> 'val' in the file-name part of the pattern
+    (llm.c's fineweb_train_*.bin / fineweb_val_*.bin, tiny_shakespeare_train.bin / ..._val.bin)."""
+    head, tail = os.path.split(train_pat)
+    guess = os.path.join(head, tail.replace("train", "val")) if "train" in tail else ""
+    if guess and globlib.glob(guess):
+        log(f"val data: {guess} (found beside -i; give -j to choose other shards)")
+        return guess
+    log("validation off: no -j given" + (f" and nothing matches {guess}" if guess else
+                                         " and -i's file names have no 'train' to find a val split by"))
+    return ""
+
+
+def load_model_spec(model_spec: str):
+    """(GPTConfig, host float32 params) from a .bin checkpoint (v3 fp32 or v5 bf16, refused when it holds
+    NaN/Inf) or a descriptor with llm.c's random init."""
+    if model_spec.endswith(".bin"):
+        return checkpoint.load_model(model_spec)
+    try:
+        gpt_cfg = GPTConfig.from_descriptor(model_spec)
+    except ValueError as e:
+        raise LlmpyError(f"-e {model_spec}: {e}") from None
+    return gpt_cfg, init_params(gpt_cfg)
+
+
+@dataclass
+class ResumePoint:
+    step: int
+    gpt_cfg: GPTConfig
+    params: np.ndarray
+    state: dict
+
+
+def find_resume_point(out_dir: str, log) -> ResumePoint | None:
+    """The newest checkpoint in out_dir whose model and state files load (a damaged one is skipped with a
+    line saying why), or None, with a line, when there is none yet."""
+    steps = checkpoint.done_steps(out_dir)
+    if not steps:
+        log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
+        return None
+    for step in steps:
+        path = checkpoint.model_path(out_dir, step)
+        try:
+            gpt_cfg, params = checkpoint.load_model(path)
+            state = checkpoint.load_state(checkpoint.state_path(out_dir, step), num_parameters=params.size)
+        except LlmpyError as e:
+            log(f"-y 1: skipping the checkpoint of step {step}: {e}")
+            continue
+        log(f"resuming from {path} (step {step})")
+        return ResumePoint(step, gpt_cfg, params, state)
+    raise LlmpyError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)")
+
+
+@dataclass
+class DataPlan:
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    tokens_per_step: int
+    grad_accum: int
+    total_steps: int
+    val_batches: int
+
+
+def plan_data(cfg: TrainConfig, gcfg: GPTConfig, train_pat: str, val_pat: str, log) -> DataPlan:
+    """The loaders (every shard validated, token ids against the model's vocabulary) and the step counts."""
     B, T = cfg.batch_size, cfg.seq_len
-    log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
-        f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
-
-    train_loader = DataLoader(train_pat, B, T, shuffle=not cfg.overfit_single_batch)
-    val_loader = DataLoader(val_pat, B, T, shuffle=False) if val_pat else None
+    train_loader = DataLoader(train_pat, B, T, shuffle=not cfg.overfit_single_batch, vocab_size=gcfg.vocab_size)
+    val_loader = DataLoader(val_pat, B, T, shuffle=False, vocab_size=gcfg.vocab_size) if val_pat else None
     tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T
     grad_accum = tokens_per_step // (B * T)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else train_loader.num_tokens // tokens_per_step
@@ -300,23 +419,47 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         raise LlmpyError(f"-i {train_pat}: {train_loader.num_tokens} tokens is less than one step of "
                          f"{tokens_per_step}; lower -b/-t/-d or give -x")
     val_batches = 0
-    if val_loader is not None:
+    if val_loader is not None and cfg.val_every > 0:
         val_batches = val_loader.num_tokens // (B * T) if cfg.val_max_steps < 0 else cfg.val_max_steps
     log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}); steps: {total_steps}; "
         f"train tokens: {train_loader.num_tokens:,}; val batches: {val_batches}")
+    return DataPlan(train_loader, val_loader, tokens_per_step, grad_accum, total_steps, val_batches)
+
+
+def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoint | None, stop: SignalStop,
+                log) -> dict:
+    """Everything after set-up: state and the step loop (the model is closed by the caller)."""
+    gcfg = model.config
+    B, T = cfg.batch_size, cfg.seq_len
+    log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
+        f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
+    train_loader, val_loader, val_batches = plan.train_loader, plan.val_loader, plan.val_batches
+    tokens_per_step, grad_accum, total_steps = plan.tokens_per_step, plan.grad_accum, plan.total_steps
 
     # training state; -y 1 restores it from the state file
     rng = XorShiftStar(13371337)
     rng_state_last_update = rng.state
     start_step = 0
-    if resume_step is not None:
-        state = checkpoint.load_state(checkpoint.state_path(cfg.output_dir, resume_step),
-                                      num_parameters=model.num_parameters)
+    resume_step = saved_step = resume.step if resume is not None else None
+    if resume is not None:
+        state = resume.state
         model.load_optimizer_state(state)
         rng.state, rng_state_last_update = state["rng_state"], state["rng_state_last_update"]
         train_loader.load_state_dict(state["loader_state"])
         start_step = state["step"]
-    runlog = RunLog(cfg.output_dir, append=bool(cfg.resume))
+        resume.state = state = None   # m and v: the backend holds its own copy
+    runlog = RunLog(cfg.output_dir)
+
+    def stop_if_signalled(step):
+        """At a step boundary after SIGTERM/SIGINT: the checkpoint of `step` (unless on disk), then stop."""
+        if stop.signum is None:
+            return
+        log(f"{stop.name}: stopping at step {step}")
+        if step != saved_step:
+            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
+        raise Interrupted(f"stopped by {stop.name} at step {step}; its checkpoint is "
+                          f"{checkpoint.model_path(cfg.output_dir, step)}: resume with the same command and -y 1",
+                          stop.signum)
     tokenizer = _tokenizer(log) if cfg.sample_every > 0 else None
     loss_z, norm_z = OutlierDetector(), OutlierDetector()
     losses, val_losses, times = [], {}, []
@@ -324,6 +467,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
 
     for step in range(start_step, total_steps + 1):
         last = step == total_steps
+        stop_if_signalled(step)
         if val_loader is not None and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
             val_loss = evaluate(model, val_loader, val_batches)
             val_losses[step] = val_loss
@@ -338,8 +482,10 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         if (cfg.output_dir and cfg.checkpoint_every > 0 and step != resume_step
                 and ((step > 0 and step % cfg.checkpoint_every == 0) or last)):
             save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
+            saved_step = step
         if last:
             break
+        stop_if_signalled(step)
 
         # ---- one optimizer step ----
         t0 = time.perf_counter()
@@ -353,6 +499,11 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         zl = loss_z.update(loss)
         lr = learning_rate(cfg, step, total_steps)
         norm = model.grad_norm()
+        if not (math.isfinite(loss) and math.isfinite(norm)):   # stop before the update spreads it
+            raise LlmpyError(f"step {step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+                             f"{loss if not math.isfinite(loss) else norm}; stopped before updating the model"
+                             + (f" (last checkpoint: step {saved_step})" if saved_step is not None else "")
+                             + "; a lower -l/--learning-rate may help")
         zn = norm_z.update(norm)
         skip = (cfg.skip_loss_z and math.isfinite(zl) and zl > cfg.skip_loss_z) or \
                (cfg.skip_norm_z and math.isfinite(zn) and zn > cfg.skip_norm_z)
@@ -373,8 +524,8 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
         tps = tok_per_s if k == 0 else tok_per_s_ema / (1 - 0.95 ** k)
         losses.append(loss)
         mfu = model.mfu(tokens_per_step, ms, T)
-        log(f"step {step + 1:4d}/{total_steps} | loss {loss:7.6f} ({zl:+.2f}z)| norm {norm:6.4f} "
-            f"({zn:+.2f}z)| lr {lr:.2e} | {ms:.2f} ms | " + (f"{mfu:.1f}% bf16 MFU | " if mfu > 0 else "")
+        log(f"step {step + 1:4d}/{total_steps} | loss {loss:7.6f}{_z(zl)}| norm {norm:6.4f}{_z(zn)}| "
+            f"lr {lr:.2e} | {ms:.2f} ms | " + (f"{mfu:.1f}% bf16 MFU | " if mfu > 0 else "")
             + f"{tps:.0f} tok/s")
         runlog.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}",
                      {"step": step, "split": "train", "loss": loss, "lr": lr, "norm": norm, "ms": ms,
@@ -385,6 +536,11 @@ def _train_loop(cfg: TrainConfig, model: GPT, train_pat: str, val_pat: str, resu
     if len(times) > 1:
         log(f"total average iteration time: {sum(times[1:]) / (len(times) - 1):.2f} ms")
     return {"losses": losses, "val_losses": val_losses, "steps": total_steps}
+
+
+def _z(z: float) -> str:
+    """' (+1.23z) ' once the outlier window is full, else one space (no '(+nanz)' on early steps)."""
+    return f" ({z:+.2f}z)" if math.isfinite(z) else " "
 
 
 def evaluate(model: GPT, loader: DataLoader, num_batches: int) -> float:

@@ -257,11 +257,14 @@ def _jsonable(x):
 
 
 def pyplot():
-    """matplotlib.pyplot with the Agg backend, imported only when a plot is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    """matplotlib.pyplot with the Agg backend, imported only when a plot is drawn (after the JSON is
+    written); without matplotlib the script ends with one line saying what to install."""
+    from llmpy.errors import LlmpyError
+    from llmpy.plot import pyplot as llmpy_pyplot
+    try:
+        return llmpy_pyplot()
+    except LlmpyError as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: no charts: {e}") from None
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
