@@ -340,7 +340,9 @@ def _resume_command(cfg: TrainConfig) -> str:
 
 
 def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, out, log) -> dict:
-    with make_model(gpt_cfg, params) as model, SignalStop(enabled=out is not None) as stop:
+    # NumPy's overflow warnings would only add lines: the loop itself stops on a non-finite loss or norm
+    with make_model(gpt_cfg, params) as model, SignalStop(enabled=out is not None) as stop, \
+            np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _train_loop(cfg, model, plan, resume, stop, log)
 
 

@@ -232,6 +232,12 @@ NOMINAL_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 988.8, "H100 SXM": 988.8
                        "H100": 756.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.2}
 
 
+# why a measurement can exceed a measured peak: said next to every value over 100 % (JSON, table, chart)
+OVER_PEAK = {"copy": "in-cache data: the op rereads or keeps data in cache (CPU caches, GPU L2), while the copy "
+                     "peak streams from main memory",
+             "gemm": "this shape runs faster than the square GEMM that set the peak"}
+
+
 def nominal_bf16_tflops(device_name: str) -> float | None:
     for key, tf in NOMINAL_BF16_TFLOPS.items():
         if key in device_name:
