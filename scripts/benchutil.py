@@ -235,7 +235,8 @@ NOMINAL_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 988.8, "H100 SXM": 988.8
 # why a measurement can exceed a measured peak: said next to every value over 100 % (JSON, table, chart)
 OVER_PEAK = {"copy": "in-cache data: the op rereads or keeps data in cache (CPU caches, GPU L2), while the copy "
                      "peak streams from main memory",
-             "gemm": "this shape runs faster than the square GEMM that set the peak"}
+             "gemm": "this shape ran faster than the square GEMM that set the peak (its operands stay in "
+                     "cache, or the peak was timed while the machine was busy)"}
 
 
 def nominal_bf16_tflops(device_name: str) -> float | None:
