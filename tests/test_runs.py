@@ -182,6 +182,22 @@ def test_out_of_vocabulary_shard_is_refused_with_the_folder_untouched(tiny, tmp_
     assert {n: (out / n).read_bytes() for n in listing(out)} == before    # main.log etc. byte for byte
 
 
+def test_large_shard_sets_check_token_ids_as_each_shard_opens(tmp_path, monkeypatch):
+    """Beyond DataLoader.UPFRONT_CHECK_TOKENS the ids of a shard are checked when it is first mapped."""
+    from llmpy.data import DataLoader
+    from llmpy.errors import LlmpyError
+    write_shard(str(tmp_path / "s_0.bin"), np.arange(100) % 50)
+    write_shard(str(tmp_path / "s_1.bin"), np.r_[np.arange(99) % 50, 70])
+    with pytest.raises(LlmpyError, match="s_1.bin: token id 70 .first bad id at token 99. .* vocabulary of 64"):
+        DataLoader(str(tmp_path / "s_*.bin"), 2, 8, vocab_size=64)
+    monkeypatch.setattr(DataLoader, "UPFRONT_CHECK_TOKENS", 0)
+    loader = DataLoader(str(tmp_path / "s_*.bin"), 2, 8, vocab_size=64)   # s_0 opened and checked
+    for _ in range(6):                                                   # the 6 samples of s_0
+        loader.next_batch()
+    with pytest.raises(LlmpyError, match="s_1.bin: token id 70"):
+        loader.next_batch()
+
+
 def test_wrong_train_pattern_is_reported_before_the_model_is_built(tiny, tmp_path, capsys):
     model, data = tiny
     rc, stdout, err = run(train_args(model, ("nothing_*.bin", data[1]), tmp_path / "run", 2), capsys)
