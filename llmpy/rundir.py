@@ -134,8 +134,10 @@ class OutputDir:
     # ---- with the lock held ----------------------------------------------------------------------------
 
     def remove_temp_files(self, log=print) -> list[str]:
-        """Delete `<file>.tmp<pid>` files that killed atomic writes left in -o; returns their names."""
-        removed = [n for n in sorted(os.listdir(self.path)) if TEMP_FILE.match(n)]
+        """Delete the `<run file>.tmp<pid>` files that killed atomic writes left in -o (only of the files a
+        run writes: a user's own files are never touched); returns their names."""
+        removed = [n for n in sorted(os.listdir(self.path))
+                   if (m := TEMP_FILE.match(n)) and RUN_FILES.match(m.group("target"))]
         for name in removed:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._join(name))
