@@ -4,6 +4,7 @@
     modal run run_on_modal.py --command "python scripts/prepare_tinyshakespeare.py --out data/tinyshakespeare"
     modal run -d run_on_modal.py --gpu H100 --command "llmpy train -i 'data/fineweb10B/*train*.bin' -o log124M"
     modal volume get llmpy-data log124M/main.log .         # fetch results from the volume
+    modal run -d run_on_modal.py --gpu H100:8 --command "mpiexec -n 8 llmpy train -z 1 -i ... -o log124M"
 
 Working directory: the command runs in /data, the root of the Volume "llmpy-data", which plays the part
 of the repository root for everything that is not code: relative paths (data/..., -o log124M, checkpoints)
@@ -14,7 +15,8 @@ The command is split with shlex, so quote globs and spaces as in a shell; output
 code becomes the exit code of `modal run`.
 
 Image: dependencies come from the project's own pyproject.toml (`uv pip install -r pyproject.toml
---extra cuda12`: CuPy plus the CUDA 12 NVRTC/runtime wheels; the host supplies the driver), in a layer that
+--extra cuda12 --extra dist`: CuPy plus the CUDA 12 NVRTC/runtime and NCCL wheels, and mpi4py + MPICH for
+`mpiexec` on several GPUs; the host supplies the driver), in a layer that
 is rebuilt only when pyproject.toml changes. The repository is then attached last, with copy=False, at
 REPO_DIR and put on PYTHONPATH, so editing code never rebuilds the image and `cuda/*.cu` sits at the
 repository root, where the kernel loader looks in a checkout. (copy=True plus `pip install -e` would also
@@ -47,16 +49,25 @@ def parse_gpu(s: str) -> str:
     return m[0]
 
 
+MPI_LAUNCHERS = ("mpiexec", "mpirun")   # several GPUs: `mpiexec -n 8 llmpy train ...` (the dist extra's MPICH)
+
+
 def build_argv(command: str, repo_dir: str = REPO_DIR) -> list[str]:
-    """shlex-split `command`; `llmpy` -> python -m llmpy, `python` -> this interpreter, scripts/ -> repo."""
+    """shlex-split `command`; `llmpy` -> python -m llmpy, `python` -> this interpreter, scripts/ -> repo.
+    After `mpiexec`/`mpirun` (the interpreter's own copy) the same applies to the program it starts."""
     argv = shlex.split(command)
     if not argv:
         raise ValueError("empty --command")
-    if argv[0] == "llmpy":
-        argv[:1] = [sys.executable, "-m", "llmpy"]
-    elif argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    for i in range(min(2, len(argv))):
+    start = 0
+    if argv[0] in MPI_LAUNCHERS:
+        launcher = os.path.join(os.path.dirname(sys.executable), argv[0])
+        argv[0] = launcher if os.path.exists(launcher) else argv[0]
+        start = next((i for i, a in enumerate(argv) if a in ("llmpy", "python", "python3")), len(argv))
+    if start < len(argv) and argv[start] == "llmpy":
+        argv[start:start + 1] = [sys.executable, "-m", "llmpy"]
+    elif start < len(argv) and argv[start] in ("python", "python3"):
+        argv[start] = sys.executable
+    for i in range(start, min(start + 2, len(argv))):
         if argv[i].startswith("scripts/"):
             argv[i] = f"{repo_dir}/{argv[i]}"
     return argv
@@ -78,7 +89,7 @@ app = modal.App("llmpy")
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .uv_pip_install(requirements=[str(LOCAL_REPO / "pyproject.toml")], extra_options="--extra cuda12")
+    .uv_pip_install(requirements=[str(LOCAL_REPO / "pyproject.toml")], extra_options="--extra cuda12 --extra dist")
     .env({"PYTHONPATH": REPO_DIR, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": f"{DATA_DIR}/.cache",
           "TIKTOKEN_CACHE_DIR": f"{DATA_DIR}/.cache/tiktoken", "CUPY_CACHE_DIR": f"{DATA_DIR}/.cache/cupy"})
     .add_local_dir(LOCAL_REPO, REPO_DIR, ignore=IGNORE)

@@ -116,11 +116,13 @@ def main(argv=None) -> int:
         elif args.command == "eval-hellaswag":
             from llmpy.commands import hellaswag_command
             hellaswag_command(args)
-    except Interrupted as e:   # SIGTERM/SIGINT: the run saved its checkpoint and says where
-        print(f"llmpy {args.command}: {e}", file=sys.stderr)
+    except Interrupted as e:   # SIGTERM/SIGINT: the run saved its checkpoint and says where (rank 0)
+        if not getattr(e, "quiet", False):
+            print(f"llmpy {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
     except LlmpyError as e:
-        print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):   # an error every rank of a multi-process run raised: rank 0 says it
+            print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:       # one line naming the path (disk full, read-only, not a directory, ...)
         print(f"llmpy {args.command}: error: {os_error(e)}", file=sys.stderr)

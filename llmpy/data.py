@@ -130,14 +130,17 @@ class DataLoader:
     sample*P*B*T + r*B*T of the current shard (inputs = first B*T, targets = shifted by one).
     A shard of n tokens holds floor((n-1) / (P*B*T)) samples. With shuffle=True, an MT19937 seeded
     42 + rank permutes the shard order at every epoch (cumulatively) and the samples inside each
-    shard when it is opened (from the identity each time); every reset is a new epoch.
+    shard when it is opened (from the identity each time); every reset is a new epoch. shuffle_seed
+    replaces 42 + rank (the trainer gives every rank 42: its P*B-row global batches are then those of
+    one process with P*B rows).
     With vocab_size, every token id is checked against it: up front when the shards hold at most
     UPFRONT_CHECK_TOKENS tokens (one pass over a memory map), else each shard when it is first opened.
     """
     UPFRONT_CHECK_TOKENS = 1 << 30      # 2 GiB of uint16 ids: a second or two from the page cache
 
     def __init__(self, pattern: str, B: int, T: int, *, process_rank: int = 0,
-                 num_processes: int = 1, shuffle: bool = False, vocab_size: int | None = None):
+                 num_processes: int = 1, shuffle: bool = False, shuffle_seed: int | None = None,
+                 vocab_size: int | None = None):
         if B <= 0 or T <= 0 or num_processes <= 0 or not 0 <= process_rank < num_processes:
             raise ValueError(f"bad loader geometry B={B} T={T} rank={process_rank}/{num_processes}")
         self.pattern, self.B, self.T = pattern, B, T
@@ -160,7 +163,7 @@ class DataLoader:
             self._ids_checked = set(range(len(self.files)))
         self.shard_perm = np.arange(len(self.files), dtype=np.int32)
         self.intra_perm: np.ndarray | None = None
-        self.rng = MT19937(42 + process_rank) if shuffle else None
+        self.rng = MT19937(42 + process_rank if shuffle_seed is None else shuffle_seed) if shuffle else None
         self.reset()
 
     # ---- position -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from llmpy import checkpoint
 from llmpy.data import DataLoader
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
+from llmpy.dist.comm import RankAgreedError
 from llmpy.rng import XorShiftStar, init_params
 from llmpy.rundir import Interrupted, OutputDir, SignalStop, config_record, new_run_dir, os_error, report_run
 
@@ -76,7 +78,8 @@ class TrainConfig:
     master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)", choices=(0, 1))
     gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward",
                             choices=(0, 1, 2))
-    zero_stage: int = flag("-z", 0, "ZeRO stage (single process: 0)", choices=(0, 1, 2, 3))
+    zero_stage: int = flag("-z", 0, "ZeRO stage: 0 all-reduces gradients, 1 also shards AdamW state over the ranks",
+                           choices=(0, 1, 2, 3))
     recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)", choices=(0, 1))
     log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
     device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
@@ -86,6 +89,14 @@ class TrainConfig:
     flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "
                                        "(0: llm.c's materialised attention)", choices=(0, 1))
     seed: int = flag("", 1337, "seed for sampling during training, 1..2**64-1 (llm.c: 1337)")
+    # several processes (llmpy/dist/init.py): `mpiexec -n N`, or one process per rank started by a scheduler
+    init_method: str = flag("-pi", "mpi", "how the ranks meet: mpi (mpiexec), tcp (-ps) or fs (-pf)",
+                            choices=("mpi", "tcp", "fs"))
+    num_processes: int = flag("-pn", 1, "number of processes (tcp, fs; mpiexec sets it under mpi)")
+    process_rank: int = flag("-pr", 0, "this process's rank (tcp, fs)")
+    gpus_per_node: int = flag("-pg", 8, "GPUs per machine: local GPU = rank % N (tcp, fs)")
+    server_addr: str = flag("-ps", "", "HOST[:PORT] where rank 0 serves the NCCL id (tcp; port 12345 if omitted)")
+    fs_path: str = flag("-pf", "", "a folder every rank shares, for the NCCL id file (fs)")
 
 
 BETA1, BETA2, EPS = 0.9, 0.95, 1e-8   # AdamW as in llm.c's trainer
@@ -107,14 +118,19 @@ def embedded_preset(device: str) -> dict:
                 checkpoint_every=50, checkpoints_keep=1)
 
 
-def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=print) -> TrainConfig:
+def with_embedded_defaults(cfg: TrainConfig, explicit: set, *, log=None) -> TrainConfig:
     """cfg with the embedded preset filled in for every field the user did not set explicitly
-    (only when no -i is given), and without -o a new folder runs/<time>, so the run keeps what it trained."""
+    (only when no -i is given), and without -o a new folder runs/<time>, so the run keeps what it trained
+    (one process only: the ranks of a multi-process launch could not agree on the time). log: print, on
+    rank 0 of an mpiexec launch only."""
     if cfg.train_data:
         return cfg
+    from llmpy.dist.init import launched_rank, launched_world_size
+    if log is None:
+        log = print if launched_rank() == 0 else _quiet
     device = resolve_device(cfg.device)
     preset = {k: v for k, v in embedded_preset(device).items() if k not in explicit}
-    if "output_dir" not in explicit:
+    if "output_dir" not in explicit and launched_world_size() == 1 and cfg.num_processes == 1:
         preset["output_dir"] = new_run_dir()
     flags = " ".join(f"{_flag_name(k)} {v}" for k, v in preset.items())
     log(f"preset: embedded corpus on {device}: {flags} (flags you give override these)")
@@ -274,10 +290,27 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     all checked before the model is built and before anything in -o is written; then -o is locked for
     this run (llmpy.rundir) and SIGTERM/SIGINT stop the run at a step boundary with a final checkpoint."""
     check_config(cfg)
-    out = OutputDir(cfg.output_dir) if cfg.output_dir else None
-    if out is not None:
-        out.check()
+    if cfg.output_dir:
+        OutputDir(cfg.output_dir).check()
     device = resolve_device(cfg.device)
+    from llmpy.dist.init import init_processes
+    comm = init_processes(cfg, device, log=log)
+    try:
+        return _train_processes(cfg, device, comm, log if comm.rank == 0 else _quiet)
+    except BaseException as e:
+        if not isinstance(e, Interrupted):   # a signal: every rank stopped at the same step, checkpointed
+            comm.fail(e)   # several processes: a failing rank ends the job instead of leaving the others waiting
+        raise
+    finally:
+        comm.close()
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0 (llm.c prints and writes main.log on rank 0 only)."""
+
+
+def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
+    out = OutputDir(cfg.output_dir) if cfg.output_dir else None
     if device == "cpu":
         log("device: cpu" + (" (auto: no usable GPU)" if cfg.device == "auto" else ""))
     make_model = model_factory(cfg, device, log=log)
@@ -286,7 +319,11 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     train_pat, val_pat = cfg.train_data, cfg.val_data
     if not train_pat:
         from llmpy.corpus import prepare_default
+        if comm.rank > 0:
+            comm.barrier()     # rank 0 prepares the embedded corpus, the others then reuse its files
         train_pat, default_val = prepare_default(log=log)
+        if comm.rank == 0:
+            comm.barrier()
         val_pat = val_pat or default_val
     elif not val_pat:
         val_pat = find_val_split(train_pat, log)
@@ -304,18 +341,22 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     resume = None
     if cfg.resume:
         out.check_resume(config_record(cfg))
-        resume = find_resume_point(cfg.output_dir, log)
+        resume = find_resume_point(cfg, comm, log)
     if resume is not None:
         gpt_cfg, params = resume.gpt_cfg, resume.params
     else:
         gpt_cfg, params = load_model_spec(cfg.model or "d12")
     if cfg.seq_len > gpt_cfg.max_seq_len:
         raise LlmpyError(f"-t/--seq-len {cfg.seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
-    plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, log)
+    plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, comm, log)
 
-    # -o: from here on this run owns it
+    # -o: from here on this run owns it (rank 0 holds the lock and claims the folder for every rank)
+    run = (cfg, make_model, gpt_cfg, params, plan, resume, comm)
     if out is None:
-        return _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, None, log)
+        return _build_and_train(*run, signals=False, log=log)
+    if comm.rank > 0:
+        comm.barrier()     # rank 0 has locked and claimed -o
+        return _build_and_train(*run, signals=True, log=log)
     checkpoints_seen = checkpoint.done_steps(cfg.output_dir)
     out.lock()
     try:
@@ -324,7 +365,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                              "run the command again")
         out.remove_temp_files(log)
         out.claim(config_record(cfg), resume=bool(cfg.resume), log=log)
-        result = _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, out, log)
+        comm.barrier()
+        result = _build_and_train(*run, signals=True, log=log)
         report_run(cfg.output_dir, resume_command=_resume_command(cfg), log=log)
         return result
     finally:
@@ -339,11 +381,11 @@ def _resume_command(cfg: TrainConfig) -> str:
     return f"llmpy train <the same flags> -o {o} -y 1"
 
 
-def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, out, log) -> dict:
+def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, comm, *, signals: bool, log) -> dict:
     # NumPy's overflow warnings would only add lines: the loop itself stops on a non-finite loss or norm
-    with make_model(gpt_cfg, params) as model, SignalStop(enabled=out is not None) as stop, \
+    with make_model(gpt_cfg, params) as model, SignalStop(enabled=signals) as stop, \
             np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _train_loop(cfg, model, plan, resume, stop, log)
+        return _train_loop(cfg, model, plan, resume, comm, stop, log)
 
 
 def find_val_split(train_pat: str, log) -> str:
@@ -379,24 +421,39 @@ class ResumePoint:
     state: dict
 
 
-def find_resume_point(out_dir: str, log) -> ResumePoint | None:
-    """The newest checkpoint in out_dir whose model and state files load (a damaged one is skipped with a
-    line saying why), or None, with a line, when there is none yet."""
+def find_resume_point(cfg: TrainConfig, comm, log) -> ResumePoint | None:
+    """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
+    one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
+    another number of processes is an error, not damage."""
+    from llmpy.dist.zero import check_world_size
+    out_dir = cfg.output_dir
     steps = checkpoint.done_steps(out_dir)
     if not steps:
         log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
         return None
     for step in steps:
-        path = checkpoint.model_path(out_dir, step)
+        path, problem = checkpoint.model_path(out_dir, step), None
         try:
             gpt_cfg, params = checkpoint.load_model(path)
-            state = checkpoint.load_state(checkpoint.state_path(out_dir, step), num_parameters=params.size)
+            check_world_size(out_dir, step, comm)
+            # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
+            numel = params.size // comm.size if cfg.zero_stage == 1 else params.size
+            state = checkpoint.load_state(checkpoint.state_path(out_dir, step, comm.rank), num_parameters=numel,
+                                          num_processes=comm.size, rank=comm.rank)
+        except RankAgreedError:
+            raise
         except LlmpyError as e:
-            log(f"-y 1: skipping the checkpoint of step {step}: {e}")
+            problem = str(e)
+            if comm.rank > 0:   # the log is rank 0's: this rank names its own file
+                print(f"llmpy train: rank {comm.rank}: -y 1: skipping the checkpoint of step {step}: {problem}",
+                      file=sys.stderr)
+        if comm.sum_host(1.0 if problem else 0.0) > 0:    # every rank skips it when one rank cannot read it
+            log(f"-y 1: skipping the checkpoint of step {step}: {problem or 'damaged on another rank'}")
             continue
         log(f"resuming from {path} (step {step})")
         return ResumePoint(step, gpt_cfg, params, state)
-    raise LlmpyError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)")
+    raise RankAgreedError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)",
+                          rank=comm.rank)
 
 
 @dataclass
@@ -409,13 +466,20 @@ class DataPlan:
     val_batches: int
 
 
-def plan_data(cfg: TrainConfig, gcfg: GPTConfig, train_pat: str, val_pat: str, log) -> DataPlan:
+def plan_data(cfg: TrainConfig, gcfg: GPTConfig, train_pat: str, val_pat: str, comm, log) -> DataPlan:
     """The loaders (every shard validated, token ids against the model's vocabulary) and the step counts."""
-    B, T = cfg.batch_size, cfg.seq_len
-    train_loader = DataLoader(train_pat, B, T, shuffle=not cfg.overfit_single_batch, vocab_size=gcfg.vocab_size)
-    val_loader = DataLoader(val_pat, B, T, shuffle=False, vocab_size=gcfg.vocab_size) if val_pat else None
-    tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T
-    grad_accum = tokens_per_step // (B * T)
+    B, T, P, rank = cfg.batch_size, cfg.seq_len, comm.size, comm.rank
+    # each rank reads its B rows of every P*B-row global batch; all ranks shuffle with one seed, so the
+    # global batches are those of one process with P*B rows (llm.c seeds 42 + rank: llmc-facts.md Q5)
+    train_loader = DataLoader(train_pat, B, T, process_rank=rank, num_processes=P,
+                              shuffle=not cfg.overfit_single_batch, shuffle_seed=42, vocab_size=gcfg.vocab_size)
+    val_loader = DataLoader(val_pat, B, T, process_rank=rank, num_processes=P, shuffle=False,
+                            vocab_size=gcfg.vocab_size) if val_pat else None
+    tokens_per_step = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T * P
+    if tokens_per_step % (B * T * P):
+        raise LlmpyError(f"-d/--total-batch-size {tokens_per_step} is not a multiple of B*T*processes = "
+                         f"{B * T * P}")
+    grad_accum = tokens_per_step // (B * T * P)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else train_loader.num_tokens // tokens_per_step
     if total_steps <= 0:
         raise LlmpyError(f"-i {train_pat}: {train_loader.num_tokens} tokens is less than one step of "
@@ -423,18 +487,21 @@ def plan_data(cfg: TrainConfig, gcfg: GPTConfig, train_pat: str, val_pat: str, l
     val_batches = 0
     if val_loader is not None and cfg.val_every > 0:
         val_batches = val_loader.num_tokens // (B * T) if cfg.val_max_steps < 0 else cfg.val_max_steps
-    log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}); steps: {total_steps}; "
+    log(f"tokens/step: {tokens_per_step:,} (B={B} x T={T} x accum={grad_accum}"
+        + (f" x {P} processes" if P > 1 else "") + f"); steps: {total_steps}; "
         f"train tokens: {train_loader.num_tokens:,}; val batches: {val_batches}")
     return DataPlan(train_loader, val_loader, tokens_per_step, grad_accum, total_steps, val_batches)
 
 
-def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoint | None, stop: SignalStop,
-                log) -> dict:
+def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoint | None, comm,
+                stop: SignalStop, log) -> dict:
     """Everything after set-up: state and the step loop (the model is closed by the caller)."""
+    from llmpy.dist.zero import DataParallel
     gcfg = model.config
-    B, T = cfg.batch_size, cfg.seq_len
+    B, T, rank = cfg.batch_size, cfg.seq_len, comm.rank
     log(f"model: L={gcfg.num_layers} NH={gcfg.num_heads} C={gcfg.channels} maxT={gcfg.max_seq_len} "
         f"V={gcfg.vocab_size} Vp={gcfg.padded_vocab_size}, {model.num_parameters:,} parameters")
+    dp = DataParallel(model, comm, cfg.zero_stage, log=log)
     train_loader, val_loader, val_batches = plan.train_loader, plan.val_loader, plan.val_batches
     tokens_per_step, grad_accum, total_steps = plan.tokens_per_step, plan.grad_accum, plan.total_steps
 
@@ -445,24 +512,32 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
     resume_step = saved_step = resume.step if resume is not None else None
     if resume is not None:
         state = resume.state
-        model.load_optimizer_state(state)
+        dp.load_optimizer_state(state)
         rng.state, rng_state_last_update = state["rng_state"], state["rng_state_last_update"]
         train_loader.load_state_dict(state["loader_state"])
         start_step = state["step"]
         resume.state = state = None   # m and v: the backend holds its own copy
-    runlog = RunLog(cfg.output_dir)
+    runlog = RunLog(cfg.output_dir if rank == 0 else "")
 
     def stop_if_signalled(step):
-        """At a step boundary after SIGTERM/SIGINT: the checkpoint of `step` (unless on disk), then stop."""
-        if stop.signum is None:
+        """At a step boundary after SIGTERM/SIGINT: the checkpoint of `step` (unless on disk), then stop.
+        Several processes agree first, so that every rank stops at the same step."""
+        if not stop.enabled:
             return
-        log(f"{stop.name}: stopping at step {step}")
+        signum = stop.signum
+        if comm.size > 1 and comm.sum_host(1.0 if signum else 0.0) > 0:
+            signum = signum or signal.SIGTERM
+        if signum is None:
+            return
+        log(f"{signal.Signals(signum).name}: stopping at step {step}")
         if step != saved_step:
-            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
-        raise Interrupted(f"stopped by {stop.name} at step {step}; its checkpoint is "
-                          f"{checkpoint.model_path(cfg.output_dir, step)}: resume with the same command and -y 1",
-                          stop.signum)
-    tokenizer = _tokenizer(log) if cfg.sample_every > 0 else None
+            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log, dp)
+        e = Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}; its checkpoint is "
+                        f"{checkpoint.model_path(cfg.output_dir, step)}: resume with the same command and -y 1",
+                        signum)
+        e.quiet = rank != 0     # every rank stops; rank 0 says so
+        raise e
+    tokenizer = _tokenizer(log) if cfg.sample_every > 0 and rank == 0 else None
     loss_z, norm_z = OutlierDetector(), OutlierDetector()
     losses, val_losses, times = [], {}, []
     tok_per_s_ema = 0.0
@@ -471,19 +546,18 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
         last = step == total_steps
         stop_if_signalled(step)
         if val_loader is not None and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
-            val_loss = evaluate(model, val_loader, val_batches)
+            val_loss = dp.average(evaluate(model, val_loader, val_batches))
             val_losses[step] = val_loss
             log(f"val loss {val_loss:.6f}")
             runlog.write(f"s:{step} tel:{val_loss:.4f}", {"step": step, "split": "val", "loss": val_loss})
         if cfg.hellaswag and ((step > 0 and cfg.val_every > 0 and step % cfg.val_every == 0) or last):
-            from llmpy.hellaswag import evaluate_hellaswag
-            acc = evaluate_hellaswag(model, B, T, log=log)
+            acc = dp.hellaswag(B, T, log=log)
             runlog.write(f"s:{step} eval:{acc:.4f}", {"step": step, "split": "hellaswag", "acc": acc})
-        if cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
+        if rank == 0 and cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
             _print_sample(model, tokenizer, cfg, log)
         if (cfg.output_dir and cfg.checkpoint_every > 0 and step != resume_step
                 and ((step > 0 and step % cfg.checkpoint_every == 0) or last)):
-            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log)
+            save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log, dp)
             saved_step = step
         if last:
             break
@@ -497,15 +571,16 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
                 train_loader.reset()
             inp, tgt = train_loader.next_batch()
             model.forward_backward(inp, tgt, 1.0 / (B * T * grad_accum), seed=rng.random_u32())
-        loss = model.mean_loss(B * T * grad_accum)
+        dp.reduce_gradients()
+        loss = dp.mean_loss(B * T * grad_accum)
         zl = loss_z.update(loss)
         lr = learning_rate(cfg, step, total_steps)
-        norm = model.grad_norm()
+        norm = dp.grad_norm()
         if not (math.isfinite(loss) and math.isfinite(norm)):   # stop before the update spreads it
-            raise LlmpyError(f"step {step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
-                             f"{loss if not math.isfinite(loss) else norm}; stopped before updating the model"
-                             + (f" (last checkpoint: step {saved_step})" if saved_step is not None else "")
-                             + "; a lower -l/--learning-rate may help")
+            raise RankAgreedError(f"step {step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+                                  f"{loss if not math.isfinite(loss) else norm}; stopped before updating the model"
+                                  + (f" (last checkpoint: step {saved_step})" if saved_step is not None else "")
+                                  + "; a lower -l/--learning-rate may help", rank=rank)
         zn = norm_z.update(norm)
         skip = (cfg.skip_loss_z and math.isfinite(zl) and zl > cfg.skip_loss_z) or \
                (cfg.skip_norm_z and math.isfinite(zn) and zn > cfg.skip_norm_z)
@@ -514,8 +589,8 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
         else:
             rng_state_last_update = rng.state
             seeds = [rng.random_u32() for _ in range(16)]
-            model.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
-                         t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
+            dp.update(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=cfg.weight_decay,
+                      t=step + 1, grad_scale=1.0 / norm if norm > GRAD_CLIP else 1.0, seeds=seeds)
         model.synchronize()
         ms = (time.perf_counter() - t0) * 1000
         times.append(ms)
@@ -533,7 +608,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
                      {"step": step, "split": "train", "loss": loss, "lr": lr, "norm": norm, "ms": ms,
                       "tok_per_s": tok_per_s, "skipped": bool(skip)})
         if cfg.log_gpu_every > 0 and (step + 1) % cfg.log_gpu_every == 0:
-            log(model.memory_report())
+            log(dp.memory_report())
 
     if len(times) > 1:
         log(f"total average iteration time: {sum(times[1:]) / (len(times) - 1):.2f} ms")
@@ -561,15 +636,21 @@ def evaluate(model: GPT, loader: DataLoader, num_batches: int) -> float:
     return total / max(num_batches, 1)
 
 
-def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, log):
-    """model_, state_ and then DONE_ for this step (each written atomically), then prune by -nk/-nm."""
-    state = model.optimizer_state()
-    checkpoint.write_checkpoint(cfg.output_dir, step, model.config, model.params_f32(),
+def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, log, dp):
+    """model_ (rank 0) and every rank's state_, a barrier, then DONE_ (rank 0), each written atomically;
+    then prune by -nk/-nm (each rank its own files)."""
+    comm = dp.comm
+    state = dp.optimizer_state()
+    checkpoint.write_checkpoint(cfg.output_dir, step, model.config, model.params_f32() if comm.rank == 0 else None,
                                 dtype=model.checkpoint_dtype, m=state["m"], v=state["v"],
                                 master=state.get("master"), rng_state=rng_state,
-                                rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict())
+                                rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict(),
+                                rank=comm.rank, num_processes=comm.size, done=False)
+    comm.barrier()
+    if comm.rank == 0:
+        checkpoint.mark_done(cfg.output_dir, step)
     checkpoint.prune_checkpoints(cfg.output_dir, step, cfg.checkpoint_every, cfg.checkpoints_keep,
-                                 cfg.major_checkpoint_every)
+                                 cfg.major_checkpoint_every, rank=comm.rank)
     log(f"checkpoint: {checkpoint.model_path(cfg.output_dir, step)}")
 
 

@@ -138,7 +138,10 @@ def test_engine_options_follow_llmc_defaults():
     base = TrainConfig()
     opts = engine_options(base)
     assert opts == dict(dtype="bf16", batch_size=base.batch_size, seq_len=base.seq_len, master_weights=True,
-                        recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False, flash_attention=False)
+                        recompute=True, gelu_fusion=0, cuda_graph=True, tf32=False, flash_attention=False,
+                        optimizer_state=True)
+    # ZeRO-1: the arena keeps no m, v or master (each rank holds its shard: llmpy/dist/zero.py)
+    assert engine_options(dataclasses.replace(base, zero_stage=1))["optimizer_state"] is False
     assert engine_options(dataclasses.replace(base, flash_attention=1))["flash_attention"] is True
     fp32 = engine_options(dataclasses.replace(base, dtype="fp32"))
     assert (fp32["dtype"], fp32["master_weights"], fp32["tf32"]) == ("fp32", False, True)

@@ -68,6 +68,12 @@ def test_build_argv(m):
     assert m.build_argv("bash scripts/run_gpt2_124M.sh")[1] == "/root/llmpy/scripts/run_gpt2_124M.sh"
     assert m.build_argv("nvidia-smi -L") == ["nvidia-smi", "-L"]
     assert m.build_argv("llmpy train -o scripts/x")[-1] == "scripts/x"      # only program/first argument map
+    # several GPUs (--gpu H100:8): the launcher's options stay, the program after them is mapped
+    mpi = m.build_argv("mpiexec -n 8 llmpy train -z 1 -o log", repo_dir="/r")
+    assert mpi[0].endswith("mpiexec") and mpi[1:] == ["-n", "8", sys.executable, "-m", "llmpy", "train", "-z", "1",
+                                                      "-o", "log"]
+    assert m.build_argv("mpirun -n 2 python scripts/bench_dist.py", repo_dir="/r")[3:] == [
+        sys.executable, "/r/scripts/bench_dist.py"]
     for bad in ("", "   ", 'llmpy train -i "unclosed'):
         with pytest.raises(ValueError):
             m.build_argv(bad)

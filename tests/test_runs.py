@@ -213,6 +213,7 @@ BAD_FLAGS = [
     ("-y", "2"), ("-a", "2"), ("-f", "2"), ("-w", "-1"), ("-r", "3"), ("-ge", "3"), ("-z", "4"),
     ("--cuda-graph", "2"), ("--flash-attention", "5"), ("--seed", "0"), ("--seed", "-1"),
     ("--seed", str(2 ** 64)), ("-k", "step"), ("--device", "tpu"), ("--dtype", "fp16"), ("-x", "1.5"),
+    ("-pn", "0"), ("-pr", "-1"), ("-pg", "0"), ("-pi", "ssh"),
 ]
 
 
@@ -501,3 +502,36 @@ def test_plots_without_matplotlib_say_what_to_install(tmp_path):
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "plot_log: matplotlib is not installed: pip install matplotlib (or pip install -e '.[plot]')"]
+
+
+def test_sigterm_stops_every_rank_of_a_two_process_run_at_one_step(tiny, tmp_path):
+    """mpiexec -n 2, ZeRO-1: SIGTERM to the job; the ranks agree on the step, both state files and DONE_
+    are written, rank 0 says so, and -y 1 on 2 ranks logs the uninterrupted run's losses."""
+    from test_dist import mpiexec
+    model, data = tiny
+    env = dict(os.environ, PYTHONPATH=REPO, HYDRA_LAUNCHER="fork", MPIEXEC_TIMEOUT="300")
+    for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+        env.pop(var, None)
+    fast = SLOW_STEPS.replace("0.15", "0")
+
+    def job(code, out, *extra):
+        return [mpiexec(), "-n", "2", sys.executable, "-u", "-c", code,
+                *train_args(model, data, out, 12, "-n", "5", "-z", "1"), *extra]
+    r = subprocess.run(job(fast, tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    p = subprocess.Popen(job(SLOW_STEPS, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("step    3/12"):
+            os.killpg(p.pid, signal.SIGTERM)     # as a scheduler does: every process of the job
+            break
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGTERM at step" in err[0], stderr
+    step = ck.done_steps(str(out))[0]
+    assert {f"state_{step:08d}_00000.bin", f"state_{step:08d}_00001.bin"} <= set(os.listdir(out))
+    r = subprocess.run(job(fast, out, "-y", "1"), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert logged(out, "train") == logged(tmp_path / "ref", "train")

@@ -51,7 +51,8 @@ def storage_dtype(name: str) -> np.dtype:
 
 
 def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bool, recompute: bool,
-                 flash: bool = False, scratch=()) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+                 flash: bool = False, scratch=(),
+                 optimizer_state: bool = True) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """Every buffer a (B, T) training step touches, as Arena specs (name, shape, dtype), in order.
 
     params/grads: dtype; AdamW m, v and master weights: fp32; activations as `act_shapes` (LN statistics
@@ -59,12 +60,13 @@ def buffer_specs(config: GPTConfig, B: int, T: int, *, dtype, master_weights: bo
     (llm.c -r 1), with flash the fused attention's (no T x T buffers); activation gradients prefixed
     'dact.' (fp32 for the fused attention's delta); then `scratch` (the ops' own (name, shape,
     dtype) scratch specs), the token buffers and AdamW's step values that graph replays read, the norm
-    and the cuBLASLt workspace.
+    and the cuBLASLt workspace. optimizer_state=False leaves out m, v and master: under ZeRO-1 each rank
+    keeps only its shard of them (llmpy/dist/zero.py).
     """
     dtype, n = np.dtype(dtype), num_parameters(config)
-    specs = [("params", (n,), dtype), ("grads", (n,), dtype), ("adam_m", (n,), F32), ("adam_v", (n,), F32)]
-    if master_weights:
-        specs.append(("master", (n,), F32))
+    specs = [("params", (n,), dtype), ("grads", (n,), dtype)]
+    if optimizer_state:
+        specs += [("adam_m", (n,), F32), ("adam_v", (n,), F32)] + ([("master", (n,), F32)] if master_weights else [])
     for name, shape in act_shapes(config, B, T, flash=flash).items():
         if recompute and name == "fch_gelu":
             shape = shape[1:]
@@ -101,7 +103,7 @@ def engine_options(cfg, sm: int = 90) -> dict:
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
                 cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= AMPERE_SM,
-                flash_attention=bool(cfg.flash_attention))
+                flash_attention=bool(cfg.flash_attention), optimizer_state=cfg.zero_stage != 1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,12 +209,13 @@ class GPUGPT(GPT):
     training shape the arena is planned for. params: host float32 (N,) or None (zeros). recompute and
     gelu_fusion take effect when model.py provides the hooks (GPT.recompute_gelu / GPT.gelu_fusion).
     flash_attention: the fused attention kernels (bf16 with head size 64 only; otherwise the engine
-    says so and keeps llm.c's materialised path).
+    says so and keeps llm.c's materialised path). optimizer_state=False (ZeRO-1): no m, v or master
+    in the arena; llmpy/dist/zero.py's ShardedAdamW keeps this rank's shard of them and runs the update.
     """
 
     def __init__(self, config: GPTConfig, ops, *, dtype="bf16", params=None, batch_size: int,
                  seq_len: int, master_weights=True, recompute=True, gelu_fusion=0, cuda_graph=True,
-                 tf32=False, flash_attention=False, log=print):
+                 tf32=False, flash_attention=False, optimizer_state=True, log=print):
         import cupy as cp
 
         from llmpy.gpu.arena import Arena
@@ -242,7 +245,7 @@ class GPUGPT(GPT):
         scratch = _op_scratch(config, batch_size, seq_len, self.dtype)
         self.arena = Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
                                         master_weights=self.master_weights, recompute=self.recompute_gelu,
-                                        flash=self.flash_attention))
+                                        flash=self.flash_attention, optimizer_state=optimizer_state))
         try:
             self.arena.open()
         except cp.cuda.memory.OutOfMemoryError:
@@ -262,8 +265,8 @@ class GPUGPT(GPT):
         from llmpy.gpu import cublaslt
         a, B, T = self.arena, self.B, self.T
         a.zero_all()
-        self.params, self.grads, self.m, self.v = a["params"], a["grads"], a["adam_m"], a["adam_v"]
-        self.master = a["master"] if self.master_weights else None
+        self.params, self.grads = a["params"], a["grads"]
+        self.m, self.v, self.master = (a.views.get(k) for k in ("adam_m", "adam_v", "master"))
         self.p, self.g = carve(self.params, self.shapes), carve(self.grads, self.shapes)
         self.norm = a["norm"]
         acts = {k[4:]: v for k, v in a.views.items() if k.startswith("act.")}
