@@ -354,9 +354,8 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     run = (cfg, make_model, gpt_cfg, params, plan, resume, comm)
     if out is None:
         return _build_and_train(*run, signals=False, log=log)
-    if comm.rank > 0:
-        comm.barrier()     # rank 0 has locked and claimed -o
-        return _build_and_train(*run, signals=True, log=log)
+    if comm.rank > 0:   # writes nothing in -o before the loop's first collective, which rank 0 joins after
+        return _build_and_train(*run, signals=True, log=log)   # claiming -o
     checkpoints_seen = checkpoint.done_steps(cfg.output_dir)
     out.lock()
     try:
@@ -365,7 +364,6 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
                              "run the command again")
         out.remove_temp_files(log)
         out.claim(config_record(cfg), resume=bool(cfg.resume), log=log)
-        comm.barrier()
         result = _build_and_train(*run, signals=True, log=log)
         report_run(cfg.output_dir, resume_command=_resume_command(cfg), log=log)
         return result
@@ -519,13 +517,16 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
         resume.state = state = None   # m and v: the backend holds its own copy
     runlog = RunLog(cfg.output_dir if rank == 0 else "")
 
-    def stop_if_signalled(step):
+    def stop_if_signalled(step, *, agree: bool):
         """At a step boundary after SIGTERM/SIGINT: the checkpoint of `step` (unless on disk), then stop.
-        Several processes agree first, so that every rank stops at the same step."""
+        Several processes agree first (one host sum per step, at the top of the loop: `agree`), so that
+        every rank stops at the same step."""
         if not stop.enabled:
             return
         signum = stop.signum
-        if comm.size > 1 and comm.sum_host(1.0 if signum else 0.0) > 0:
+        if comm.size > 1:
+            if not agree or comm.sum_host(1.0 if signum else 0.0) == 0:
+                return
             signum = signum or signal.SIGTERM
         if signum is None:
             return
@@ -544,7 +545,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
 
     for step in range(start_step, total_steps + 1):
         last = step == total_steps
-        stop_if_signalled(step)
+        stop_if_signalled(step, agree=True)
         if val_loader is not None and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
             val_loss = dp.average(evaluate(model, val_loader, val_batches))
             val_losses[step] = val_loss
@@ -561,7 +562,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoin
             saved_step = step
         if last:
             break
-        stop_if_signalled(step)
+        stop_if_signalled(step, agree=False)
 
         # ---- one optimizer step ----
         t0 = time.perf_counter()

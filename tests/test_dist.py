@@ -328,7 +328,8 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
     calls = {(c, dt, op): k for c, dt, op, k in json.load(open(tmp_path / "two" / "nccl_calls.json"))}
     per_step = 2 * 12 + 4                  # 12 per-layer tensors x 2 layers + wte, wpe, lnfw, lnfb
     assert calls == {("reduceScatter", "bfloat16", 4): 4 * per_step, ("allGather", "bfloat16", None): 4 * per_step,
-                     ("allReduce", "float32", 0): 12}, calls   # host sums: 4 x (loss, norm), 3 val, 1 barrier
+                     ("allReduce", "float32", 0): 17}, calls   # host sums: 4 x (loss, norm), 3 val, 1 barrier,
+    # and at each of the 5 step boundaries the ranks agree whether a signal asks them to stop (llmpy.rundir)
     replicas = [json.load(open(tmp_path / "two" / f"params_rank{r}.json")) for r in (0, 1)]
     assert len(replicas[0]) == 4 and replicas[0] == replicas[1], "the ranks' bf16 parameters differ"
     from llmpy.cli import main
