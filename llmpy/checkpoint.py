@@ -5,16 +5,21 @@ maxT, V, L, NH, C, Vp), then every parameter back to back in `model.param_shapes
 State file (§2.2): 256 int32 header (magic 20240527, version 1, step, rng states, loader position),
 then AdamW m and v, the optional fp32 master weights and, when the train loader shuffles, its
 permutations and Mersenne-Twister state. Files are written atomically and a `DONE_%08d` marker is
-written last, so a directory never advertises a half-written checkpoint (§2.1, §2.3, §2.4).
+written last, so a directory never advertises a half-written checkpoint (§2.1, §2.3, §2.4). Files holding
+NaN/Inf are neither written nor loaded; `-y 1` resumes from the newest DONE_ step whose files load
+(find_resume_point), skipping damaged ones.
 """
 from __future__ import annotations
 
 import os
 import struct
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 
 from llmpy.data import HEADER_BYTES, atomic_write, read_header
+from llmpy.dist.comm import RankAgreedError
 from llmpy.errors import LlmpyError
 from llmpy.model import GPTConfig, num_parameters
 from llmpy.rng import MT_STATE_BYTES
@@ -299,3 +304,50 @@ def prune_checkpoints(out_dir: str, step: int, every: int, keep: int, major_ever
         if os.path.exists(p):
             os.remove(p)
     return old
+
+
+# -------------------------------------------------------------------------------------------------
+# Resume: the newest checkpoint that loads
+
+
+@dataclass
+class ResumePoint:
+    """What `-y 1` resumes from: the step, the model (config, host fp32 parameters) and this rank's state."""
+    step: int
+    gpt_cfg: GPTConfig
+    params: np.ndarray
+    state: dict
+
+
+def find_resume_point(out_dir: str, comm, *, zero_stage: int = 0, log=print) -> ResumePoint | None:
+    """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
+    one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
+    another number of processes is an error, not damage."""
+    from llmpy.dist.zero import check_world_size
+    steps = done_steps(out_dir)
+    if not steps:
+        log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
+        return None
+    for step in steps:
+        path, problem = model_path(out_dir, step), None
+        try:
+            gpt_cfg, params = load_model(path)
+            check_world_size(out_dir, step, comm)
+            # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
+            numel = params.size // comm.size if zero_stage == 1 else params.size
+            state = load_state(state_path(out_dir, step, comm.rank), num_parameters=numel,
+                               num_processes=comm.size, rank=comm.rank)
+        except RankAgreedError:
+            raise
+        except LlmpyError as e:
+            problem = str(e)
+            if comm.rank > 0:   # the log is rank 0's: this rank names its own file
+                print(f"llmpy train: rank {comm.rank}: -y 1: skipping the checkpoint of step {step}: {problem}",
+                      file=sys.stderr)
+        if comm.sum_host(1.0 if problem else 0.0) > 0:    # every rank skips it when one rank cannot read it
+            log(f"-y 1: skipping the checkpoint of step {step}: {problem or 'damaged on another rank'}")
+            continue
+        log(f"resuming from {path} (step {step})")
+        return ResumePoint(step, gpt_cfg, params, state)
+    raise RankAgreedError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)",
+                          rank=comm.rank)

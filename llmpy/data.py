@@ -251,3 +251,16 @@ class DataLoader:
             raise LlmpyError(f"{self.pattern}: saved sample index {sample_idx} is past the "
                              f"{self.shard_num_samples} samples of its shard")
         self.current_sample_idx = sample_idx
+
+
+def find_val_split(train_pat: str, log) -> str:
+    """The val shards beside -i when -j is not given: 'train' -> 'val' in the file-name part of the pattern
+    (llm.c's fineweb_train_*.bin / fineweb_val_*.bin, tiny_shakespeare_train.bin / ..._val.bin)."""
+    head, tail = os.path.split(train_pat)
+    guess = os.path.join(head, tail.replace("train", "val")) if "train" in tail else ""
+    if guess and globlib.glob(guess):
+        log(f"val data: {guess} (found beside -i; give -j to choose other shards)")
+        return guess
+    log("validation off: no -j given" + (f" and nothing matches {guess}" if guess else
+                                         " and -i's file names have no 'train' to find a val split by"))
+    return ""

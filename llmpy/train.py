@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmpy import checkpoint
-from llmpy.data import DataLoader
+from llmpy.data import DataLoader, find_val_split
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
 from llmpy.dist.comm import RankAgreedError
@@ -341,7 +341,7 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     resume = None
     if cfg.resume:
         out.check_resume(config_record(cfg))
-        resume = find_resume_point(cfg, comm, log)
+        resume = checkpoint.find_resume_point(cfg.output_dir, comm, zero_stage=cfg.zero_stage, log=log)
     if resume is not None:
         gpt_cfg, params = resume.gpt_cfg, resume.params
     else:
@@ -386,19 +386,6 @@ def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, comm, *, si
         return _train_loop(cfg, model, plan, resume, comm, stop, log)
 
 
-def find_val_split(train_pat: str, log) -> str:
-    """The val shards beside -i when -j is not given: 'train' -> 'val' in the file-name part of the pattern
-    (llm.c's fineweb_train_*.bin / fineweb_val_*.bin, tiny_shakespeare_train.bin / ..._val.bin)."""
-    head, tail = os.path.split(train_pat)
-    guess = os.path.join(head, tail.replace("train", "val")) if "train" in tail else ""
-    if guess and globlib.glob(guess):
-        log(f"val data: {guess} (found beside -i; give -j to choose other shards)")
-        return guess
-    log("validation off: no -j given" + (f" and nothing matches {guess}" if guess else
-                                         " and -i's file names have no 'train' to find a val split by"))
-    return ""
-
-
 def load_model_spec(model_spec: str):
     """(GPTConfig, host float32 params) from a .bin checkpoint (v3 fp32 or v5 bf16, refused when it holds
     NaN/Inf) or a descriptor with llm.c's random init."""
@@ -409,49 +396,6 @@ def load_model_spec(model_spec: str):
     except ValueError as e:
         raise LlmpyError(f"-e {model_spec}: {e}") from None
     return gpt_cfg, init_params(gpt_cfg)
-
-
-@dataclass
-class ResumePoint:
-    step: int
-    gpt_cfg: GPTConfig
-    params: np.ndarray
-    state: dict
-
-
-def find_resume_point(cfg: TrainConfig, comm, log) -> ResumePoint | None:
-    """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
-    one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
-    another number of processes is an error, not damage."""
-    from llmpy.dist.zero import check_world_size
-    out_dir = cfg.output_dir
-    steps = checkpoint.done_steps(out_dir)
-    if not steps:
-        log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
-        return None
-    for step in steps:
-        path, problem = checkpoint.model_path(out_dir, step), None
-        try:
-            gpt_cfg, params = checkpoint.load_model(path)
-            check_world_size(out_dir, step, comm)
-            # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
-            numel = params.size // comm.size if cfg.zero_stage == 1 else params.size
-            state = checkpoint.load_state(checkpoint.state_path(out_dir, step, comm.rank), num_parameters=numel,
-                                          num_processes=comm.size, rank=comm.rank)
-        except RankAgreedError:
-            raise
-        except LlmpyError as e:
-            problem = str(e)
-            if comm.rank > 0:   # the log is rank 0's: this rank names its own file
-                print(f"llmpy train: rank {comm.rank}: -y 1: skipping the checkpoint of step {step}: {problem}",
-                      file=sys.stderr)
-        if comm.sum_host(1.0 if problem else 0.0) > 0:    # every rank skips it when one rank cannot read it
-            log(f"-y 1: skipping the checkpoint of step {step}: {problem or 'damaged on another rank'}")
-            continue
-        log(f"resuming from {path} (step {step})")
-        return ResumePoint(step, gpt_cfg, params, state)
-    raise RankAgreedError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)",
-                          rank=comm.rank)
 
 
 @dataclass
@@ -491,7 +435,7 @@ def plan_data(cfg: TrainConfig, gcfg: GPTConfig, train_pat: str, val_pat: str, c
     return DataPlan(train_loader, val_loader, tokens_per_step, grad_accum, total_steps, val_batches)
 
 
-def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: ResumePoint | None, comm,
+def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: checkpoint.ResumePoint | None, comm,
                 stop: SignalStop, log) -> dict:
     """Everything after set-up: state and the step loop (the model is closed by the caller)."""
     from llmpy.dist.zero import DataParallel
