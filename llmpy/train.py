@@ -8,7 +8,6 @@ step made of grad_accum micro-steps. Output matches llm.c: one stdout line per s
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import json
 import math
 import os
