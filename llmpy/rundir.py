@@ -154,6 +154,8 @@ class OutputDir:
         if resume and ident is not None:
             return ident["run_id"]
         old_files = [n for n in os.listdir(self.path) if RUN_FILES.match(n)]
+        if old_files == [RUN_FILE]:   # a run that stopped before writing anything: nothing worth keeping
+            old_files = []
         if not resume and old_files:
             old_id = ident["run_id"] if ident else time.strftime(
                 "unknown-%Y%m%d-%H%M%S", time.localtime(max(os.path.getmtime(self._join(n)) for n in old_files)))
