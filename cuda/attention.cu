@@ -5,7 +5,12 @@
 //   permute_kernel<T>:            qkvr[s,b,h,t,d] = inp[b,t,s*C + h*HS + d]      (s = 0,1,2 for q,k,v)
 //   unpermute_kernel<T>:          out[b,t,h*HS + d] = y[b,h,t,d]
 //   softmax_forward_kernel<T>:    att[r,j] = exp(scale (preatt[r,j] - max)) / sum for j <= t, 0 for j > t
-//                                 (row r = (b,h,t); scale = 1/sqrt(HS) folded in; zeros ARE written)
+//                                 (row r = (b,h,t); scale = 1/sqrt(HS) folded in). The zeros j > t are
+//                                 written only with write_upper = 1, which in place (att == preatt) is
+//                                 required: q k^T filled the upper triangle. Out of place, with att's
+//                                 upper triangle zeroed once by its owner, write_upper = 0 stores only
+//                                 the columns j < t + 1 rounded up to a chunk (llm.c's kernel5 stores
+//                                 j <= t), which saves a third of the writes at T = 1024.
 //   softmax_backward_kernel<T>:   dpreatt[r,j] = scale att[r,j] (datt[r,j] - sum_i att[r,i] datt[r,i]),
 //                                 j <= t; 0 for j > t
 //   unpermute_backward_kernel<T>: dy[b,h,t,d] = dout[b,t,h*HS + d]
@@ -120,7 +125,8 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&x)[V]) {
 }
 
 template <class T, int V>
-__device__ __forceinline__ void softmax_forward_row(T* att, const T* preatt, float scale, int rows, int T_) {
+__device__ __forceinline__ void softmax_forward_row(T* att, const T* preatt, float scale, int rows, int T_,
+                                                    int write_upper) {
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
@@ -146,7 +152,8 @@ __device__ __forceinline__ void softmax_forward_row(T* att, const T* preatt, flo
     const float row_max = warp_max(m);
     s *= __expf(scale * (m - row_max));                 // a lane with no columns has s = 0
     const float inv_sum = 1.0f / warp_sum(s);
-    for (int j0 = lane * V; j0 < T_; j0 += WARP_SIZE * V) {
+    const int end = write_upper ? T_ : t + 1;            // a chunk that straddles t stores its zeros
+    for (int j0 = lane * V; j0 < end; j0 += WARP_SIZE * V) {
         float p[V];
         for (int k = 0; k < V; k++) p[k] = 0.0f;
         if (j0 <= t) {
@@ -189,13 +196,14 @@ __device__ __forceinline__ void softmax_backward_row(T* dpreatt, const T* datt, 
 }
 
 template <class T>
-__global__ void softmax_forward_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
-    softmax_forward_row<T, 1>(att, preatt, scale, rows, T_);
+__global__ void softmax_forward_kernel(T* att, const T* preatt, float scale, int rows, int T_, int write_upper) {
+    softmax_forward_row<T, 1>(att, preatt, scale, rows, T_, write_upper);
 }
 
 template <class T>
-__global__ void softmax_forward128_kernel(T* att, const T* preatt, float scale, int rows, int T_) {
-    softmax_forward_row<T, Packed128<T>::size>(att, preatt, scale, rows, T_);
+__global__ void softmax_forward128_kernel(T* att, const T* preatt, float scale, int rows, int T_,
+                                          int write_upper) {
+    softmax_forward_row<T, Packed128<T>::size>(att, preatt, scale, rows, T_, write_upper);
 }
 
 template <class T>

@@ -105,6 +105,53 @@ template <class T> __device__ __forceinline__ void store128cg(T* p, Packed128<T>
     __stcg(reinterpret_cast<int4*>(p), x.bits());
 }
 
+// One warp writes residual = a + b (fp32 add, rounded to T) over a row of C elements, lane by lane
+// in 16-byte chunks: the fused residual + norm kernels. Each lane writes exactly the chunks the
+// warp-per-row norm then reads back with the same lane, so no sync is needed between the two.
+template <class T>
+__device__ __forceinline__ void residual_row(T* residual, const T* a, const T* b, int C, int lane) {
+    using x128 = Packed128<T>;
+    constexpr int S = x128::size;
+    for (int c = lane * S; c < C; c += WARP_SIZE * S) {
+        const x128 x = load128cs(a + c);
+        const x128 y = load128cs(b + c);
+        x128 r;
+        for (int k = 0; k < S; k++) r[k] = from_float<T>(to_float(x[k]) + to_float(y[k]));
+        store128(residual + c, r);
+    }
+}
+
+// Elementwise kernels: the calling thread's 16-byte chunk at element i of n, out[j] = f(a[j]) or
+// f(a[j], b[j]) in fp32; a chunk that runs past n is finished element by element. `a` is read once
+// (streaming); `b` (a gradient) is read with a normal load; out is cached for the next kernel.
+// out may alias a or b: each thread reads its chunk before it writes it.
+template <class T, class F>
+__device__ __forceinline__ void map_chunk(T* out, const T* a, size_t i, size_t n, F f) {
+    using x128 = Packed128<T>;
+    if (i + x128::size <= n) {
+        const x128 x = load128cs(a + i);
+        x128 y;
+        for (int k = 0; k < x128::size; k++) y[k] = from_float<T>(f(to_float(x[k])));
+        store128(out + i, y);
+    } else {
+        for (size_t j = i; j < n; j++) out[j] = from_float<T>(f(to_float(a[j])));
+    }
+}
+
+template <class T, class F>
+__device__ __forceinline__ void map_chunk2(T* out, const T* a, const T* b, size_t i, size_t n, F f) {
+    using x128 = Packed128<T>;
+    if (i + x128::size <= n) {
+        const x128 x = load128cs(a + i);
+        const x128 d = load128(b + i);
+        x128 y;
+        for (int k = 0; k < x128::size; k++) y[k] = from_float<T>(f(to_float(x[k]), to_float(d[k])));
+        store128(out + i, y);
+    } else {
+        for (size_t j = i; j < n; j++) out[j] = from_float<T>(f(to_float(a[j]), to_float(b[j])));
+    }
+}
+
 // -------------------------------------------------------------------------------------------------
 // Stochastic rounding (llmc-facts.md §6.12). SquirrelNoise5 (Squirrel Eiserloh, GDC 2017) is a
 // stateless integer hash: noise(position, seed). The 2-D position combines the thread's x and y

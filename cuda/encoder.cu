@@ -1,5 +1,6 @@
 // Token + position embedding. Launched by llmpy/gpu/encoder.py; reference llmpy/cpu/encoder.py.
 //   encoder_forward_kernel<T>:      out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]                 (overwrites)
+//                                   wpe = nullptr: out[b,t,:] = wte[inp[b,t],:] (rotary models, nanochat)
 //   encoder_backward_wpe_kernel<T>: dwpe[t,:] += sum_b dout[b,t,:]                          (accumulates)
 //   encoder_backward_wte_kernel<T>: dwte[v,:] += sum over positions p with token v of dout[p,:]
 // Thread mapping: forward and dwpe use one thread per 16-byte chunk (8 bf16 / 4 float channels);
@@ -24,6 +25,10 @@ __global__ void encoder_forward_kernel(T* out, const int* inp, const T* wte, con
     const int t = bt % T_;
     const int c = (int)i % C;
     const x128 a = load128cs(wte + (size_t)inp[bt] * C + c);
+    if (wpe == nullptr) {
+        store128(out + i, a);
+        return;
+    }
     const x128 p = load128(wpe + (size_t)t * C + c);  // reused by all B sequences: keep cached
     x128 y;
     for (int k = 0; k < x128::size; k++) y[k] = from_float<T>(to_float(a[k]) + to_float(p[k]));

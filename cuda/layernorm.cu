@@ -11,12 +11,14 @@
 // the row is read 3 times, the 2nd and 3rd from cache. Memory bound.
 // Backward is deterministic and takes two kernels (a simpler scheme than llm.c's single kernel with a
 // last-block fold behind an atomic counter, §6.5): kernel 1 walks groups of W rows (W = warps per
-// block, groups grid-strided over blocks); for each group, warp w computes dinp of row w (phase A),
-// then each thread adds the group's rows, in order, into the fp32 dweight/dbias accumulators of the
-// channels it owns (phase B, dynamic shared memory, 2*C floats, one owner per entry: no atomics, no
-// barriers). Each block writes its accumulators to partials[block] (2*C floats). Kernel 2 sums the
-// blocks' partials in block order, one block per 32 channels with its warps splitting the blocks, and
-// adds into dweight/dbias (round to nearest). dinp, dweight and dbias all ACCUMULATE (+=).
+// block, groups grid-strided over blocks); for each group, warp w computes dinp of row w and, in the
+// same pass over the row, adds n * dout and dout into its own fp32 dweight/dbias accumulators (dynamic
+// shared memory, W x 2C floats; each entry has one owning lane: no atomics, no barriers). So every
+// thread works and x and dout are read twice per row, not three times (review SLOW-4: the former
+// phase B ran on C/8 threads of 256 and re-read the group's rows). At the end the block adds its W
+// warps' accumulators in warp order into partials[block] (2*C floats). Kernel 2 sums the blocks'
+// partials in block order, one block per 32 channels with its warps splitting the blocks, and adds into
+// dweight/dbias (round to nearest). dinp, dweight and dbias all ACCUMULATE (+=).
 // Requires C % (16 / sizeof(T)) == 0 and 16-byte aligned pointers (checked by the launcher).
 #include "common.cuh"
 
@@ -78,20 +80,11 @@ template <class T>
 __global__ void fused_residual_forward_kernel(T* residual, T* normed, float* mean, float* rstd,
                                               const T* inp1, const T* inp2, const T* weight,
                                               const T* bias, int N, int C) {
-    using x128 = Packed128<T>;
-    constexpr int S = x128::size;
     const int lane = threadIdx.x % WARP_SIZE;
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     if (row >= N) return;
     const size_t offset = (size_t)row * C;
-    // Each lane writes exactly the chunks it later reads back in layernorm_row: no sync needed.
-    for (int c = lane * S; c < C; c += WARP_SIZE * S) {
-        const x128 a = load128cs(inp1 + offset + c);
-        const x128 b = load128cs(inp2 + offset + c);
-        x128 r;
-        for (int k = 0; k < S; k++) r[k] = from_float<T>(to_float(a[k]) + to_float(b[k]));
-        store128(residual + offset + c, r);
-    }
+    residual_row(residual + offset, inp1 + offset, inp2 + offset, C, lane);
     float m, s;
     layernorm_row(normed + offset, residual + offset, weight, bias, C, lane, m, s);
     if (lane == 0) {
@@ -109,75 +102,61 @@ __global__ void layernorm_backward_kernel(T* dinp, float* partials, const T* dou
                                           int N, int C) {
     using x128 = Packed128<T>;
     constexpr int S = x128::size;
-    extern __shared__ float acc[];                     // [0, C): dweight, [C, 2C): dbias
+    // per-warp accumulators [W][2][S][C/S]: warp w's dweight (0) or dbias (1) of channel chunk * S + k at
+    // ((2 w + which) S + k) C/S + chunk, so a warp's lanes (consecutive chunks) hit consecutive words
+    extern __shared__ float acc[];
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int W = blockDim.x / WARP_SIZE;
-    const int first_chunk = threadIdx.x * S, chunk_stride = blockDim.x * S;
+    const int chunks = C / S;
+    float* my_dweight = acc + (size_t)2 * warp * C;    // + k * chunks + chunk; dbias C further
+    float* my_dbias = my_dweight + C;
 
-    for (int c = first_chunk; c < C; c += chunk_stride) {
-        for (int k = 0; k < S; k++) acc[c + k] = acc[C + c + k] = 0.0f;
+    for (int c = lane * S; c < C; c += WARP_SIZE * S) {
+        for (int k = 0; k < S; k++) my_dweight[k * chunks + c / S] = my_dbias[k * chunks + c / S] = 0.0f;
     }
     for (int row0 = blockIdx.x * W; row0 < N; row0 += gridDim.x * W) {
-        // phase A: warp w computes the input gradient of row row0 + w
+        // warp w: the input gradient of row row0 + w, and its dweight/dbias terms
         const int row = row0 + warp;
-        if (row < N) {
-            const T* x = inp + (size_t)row * C;
-            const T* dy = dout + (size_t)row * C;
-            T* dx = dinp + (size_t)row * C;
-            const float m = mean[row], s = rstd[row];
-            float sum_dn = 0.0f, sum_dn_n = 0.0f;
-            for (int c = lane * S; c < C; c += WARP_SIZE * S) {
-                const x128 xv = load128(x + c), dv = load128(dy + c), wv = load128(weight + c);
-                for (int k = 0; k < S; k++) {
-                    const float dn = to_float(wv[k]) * to_float(dv[k]);
-                    sum_dn += dn;
-                    sum_dn_n += dn * (to_float(xv[k]) - m) * s;
-                }
-            }
-            const float a = warp_sum(sum_dn) / C;      // mean(dnorm)
-            const float b = warp_sum(sum_dn_n) / C;    // mean(dnorm * n)
-            for (int c = lane * S; c < C; c += WARP_SIZE * S) {
-                const x128 xv = load128(x + c), dv = load128(dy + c), wv = load128(weight + c);
-                const x128 old = load128(dx + c);
-                x128 o;
-                for (int k = 0; k < S; k++) {
-                    const float n = (to_float(xv[k]) - m) * s;
-                    const float dn = to_float(wv[k]) * to_float(dv[k]);
-                    o[k] = from_float<T>(to_float(old[k]) + (dn - a - n * b) * s);
-                }
-                store128cg(dx + c, o);                 // the next kernel reads it: L2 only
+        if (row >= N) continue;
+        const T* x = inp + (size_t)row * C;
+        const T* dy = dout + (size_t)row * C;
+        T* dx = dinp + (size_t)row * C;
+        const float m = mean[row], s = rstd[row];
+        float sum_dn = 0.0f, sum_dn_n = 0.0f;
+        for (int c = lane * S; c < C; c += WARP_SIZE * S) {
+            const x128 xv = load128(x + c), dv = load128(dy + c), wv = load128(weight + c);
+            for (int k = 0; k < S; k++) {
+                const float dn = to_float(wv[k]) * to_float(dv[k]);
+                sum_dn += dn;
+                sum_dn_n += dn * (to_float(xv[k]) - m) * s;
             }
         }
-        // phase B: the group's rows, in order, into this thread's own channels (rows still in cache)
-        const int row_end = min(N, row0 + W);
-        for (int c = first_chunk; c < C; c += chunk_stride) {
-            float dw[S], db[S];
+        const float a = warp_sum(sum_dn) / C;          // mean(dnorm)
+        const float b = warp_sum(sum_dn_n) / C;        // mean(dnorm * n)
+        for (int c = lane * S; c < C; c += WARP_SIZE * S) {
+            const x128 xv = load128(x + c), dv = load128(dy + c), wv = load128(weight + c);
+            const x128 old = load128(dx + c);
+            x128 o;
             for (int k = 0; k < S; k++) {
-                dw[k] = acc[c + k];
-                db[k] = acc[C + c + k];
+                const float n = (to_float(xv[k]) - m) * s;
+                const float dyk = to_float(dv[k]);
+                const float dn = to_float(wv[k]) * dyk;
+                o[k] = from_float<T>(to_float(old[k]) + (dn - a - n * b) * s);
+                my_dweight[k * chunks + c / S] += n * dyk;
+                my_dbias[k * chunks + c / S] += dyk;
             }
-            for (int r = row0; r < row_end; r++) {
-                const x128 xv = load128(inp + (size_t)r * C + c);
-                const x128 dv = load128(dout + (size_t)r * C + c);
-                const float m = mean[r], s = rstd[r];
-                for (int k = 0; k < S; k++) {
-                    dw[k] += (to_float(xv[k]) - m) * s * to_float(dv[k]);
-                    db[k] += to_float(dv[k]);
-                }
-            }
-            for (int k = 0; k < S; k++) {
-                acc[c + k] = dw[k];
-                acc[C + c + k] = db[k];
-            }
+            store128cg(dx + c, o);                     // the next kernel reads it: L2 only
         }
     }
+    __syncthreads();                                   // every warp's accumulators are final
     float* out = partials + (size_t)blockIdx.x * 2 * C;
-    for (int c = first_chunk; c < C; c += chunk_stride) {
-        for (int k = 0; k < S; k++) {
-            out[c + k] = acc[c + k];
-            out[C + c + k] = acc[C + c + k];
-        }
+    for (int j = threadIdx.x; j < 2 * C; j += blockDim.x) {
+        const int which = j / C, c = j % C;
+        const float* entry = acc + (size_t)which * C + (c % S) * chunks + c / S;
+        float sum = 0.0f;
+        for (int w = 0; w < W; w++) sum += entry[(size_t)2 * w * C];   // warp order: deterministic
+        out[j] = sum;
     }
 }
 

@@ -12,6 +12,7 @@ NaN/Inf are neither written nor loaded; `-y 1` resumes from the newest DONE_ ste
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import sys
 from dataclasses import dataclass
@@ -241,6 +242,17 @@ def model_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"model_{step:08d}.bin")
 
 
+def model_dir_path(out_dir: str, step: int) -> str:
+    """The checkpoint directory of model families other than GPT-2 (llmpy/families.py)."""
+    return os.path.join(out_dir, f"model_{step:08d}")
+
+
+def saved_model_path(out_dir: str, step: int) -> str:
+    """Where step's model was written: its directory if there is one, else the .bin file."""
+    path = model_dir_path(out_dir, step)
+    return path if os.path.isdir(path) else model_path(out_dir, step)
+
+
 def state_path(out_dir: str, step: int, rank: int = 0) -> str:
     return os.path.join(out_dir, f"state_{step:08d}_{rank:05d}.bin")
 
@@ -279,7 +291,10 @@ def write_checkpoint(out_dir: str, step: int, cfg: GPTConfig, params, *, dtype: 
     require_finite(f"step {step}: not writing a checkpoint", parameters=params if rank == 0 else None,
                    m=state.get("m"), v=state.get("v"), master=state.get("master"))
     os.makedirs(out_dir, exist_ok=True)
-    if rank == 0:
+    if rank == 0 and not isinstance(cfg, GPTConfig):    # another family's directory format
+        from llmpy.families import save_model_dir
+        save_model_dir(model_dir_path(out_dir, step), cfg, params)
+    elif rank == 0:
         save_model(model_path(out_dir, step), cfg, params, dtype=dtype)
     save_state(state_path(out_dir, step, rank), step=step, num_processes=num_processes, rank=rank, **state)
     if rank == 0 and done:
@@ -303,6 +318,8 @@ def prune_checkpoints(out_dir: str, step: int, every: int, keep: int, major_ever
     for p in paths + [state_path(out_dir, old, rank)]:
         if os.path.exists(p):
             os.remove(p)
+    if rank == 0 and os.path.isdir(model_dir_path(out_dir, old)):
+        shutil.rmtree(model_dir_path(out_dir, old))
     return old
 
 
@@ -319,19 +336,21 @@ class ResumePoint:
     state: dict
 
 
-def find_resume_point(out_dir: str, comm, *, zero_stage: int = 0, log=print) -> ResumePoint | None:
+def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log=print) -> ResumePoint | None:
     """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
     one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
-    another number of processes is an error, not damage."""
+    another number of processes is an error, not damage. load(path) -> (config, params) reads the model
+    (default: load_model; the trainer passes llmpy.families' loader, which also reads nanochat directories)."""
+    load = load or load_model
     from llmpy.dist.zero import check_world_size
     steps = done_steps(out_dir)
     if not steps:
         log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
         return None
     for step in steps:
-        path, problem = model_path(out_dir, step), None
+        path, problem = saved_model_path(out_dir, step), None
         try:
-            gpt_cfg, params = load_model(path)
+            gpt_cfg, params = load(path)
             check_world_size(out_dir, step, comm)
             # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
             numel = params.size // comm.size if zero_stage == 1 else params.size

@@ -16,10 +16,14 @@ from llmpy.errors import LlmpyError
 
 def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
     """A GPT for an llm.c model file on 'auto' | 'cpu' | 'cuda'; call .close() when done. On the GPU
-    the engine is planned for (batch_size, seq_len), without master weights or a CUDA graph."""
+    the engine is planned for (batch_size, seq_len), without master weights or a CUDA graph.
+    A nanochat directory (llmpy/families.py) gives that family's model."""
     from llmpy.checkpoint import load_model
+    from llmpy.families import is_nanochat, load_for_inference
     from llmpy.train import TrainConfig, model_factory, resolve_device
     device = resolve_device(device)
+    if is_nanochat(path):
+        return load_for_inference(path, device, log=log)
     cfg, params = load_model(path)
     log(f"model: {path} (L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
         f"V={cfg.vocab_size}), device: {device}")

@@ -170,7 +170,97 @@ def act_dtype(name: str, dtype) -> np.dtype:
 # The model
 
 
-class GPT:
+class FlatParamModel:
+    """What every model family shares (GPT here, llmpy/nanochat.py's NanoChat): parameters, gradients and
+    the optimizer moments m, v as flat buffers (`params`, `grads` with views `g`), per-shape activation
+    dicts in `_acts`, and the methods the trainer calls besides forward/backward/update.
+    A subclass calls _init_flat and provides acts(B, T) with a "losses" entry."""
+
+    checkpoint_dtype = "fp32"   # CPU models are saved in float32
+
+    def _init_flat(self, config, ops, shapes: dict, dtype, params):
+        """The flat parameter buffer (a copy of `params` when given) and its views `p`; empty state."""
+        self.config, self.ops, self.xp = config, ops, ops.xp
+        self.dtype = np.dtype(dtype)
+        self.shapes = shapes
+        self.num_parameters = sum(math.prod(s) for s in shapes.values())
+        self.params = self.xp.zeros(self.num_parameters, dtype=self.dtype)
+        if params is not None:
+            self.params[...] = self.xp.asarray(params, dtype=self.dtype)
+        self.p = carve(self.params, self.shapes)
+        self.grads = None       # allocated lazily: inference needs no gradient memory
+        self.m = self.v = None  # optimizer moments (float32), allocated on the first update
+        self.norm = self.xp.zeros(1, dtype=np.float32)
+        self._acts = {}
+        self._train_shape = None
+
+    def _moments(self) -> tuple[dict, dict]:
+        """Views of m and v per tensor, allocated (zero) on first use."""
+        if self.m is None:
+            self.m = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.v = self.xp.zeros(self.num_parameters, dtype=np.float32)
+        return carve(self.m, self.shapes), carve(self.v, self.shapes)
+
+    def zero_grad(self):
+        """Zero the parameter gradients and the training losses (micro-step 0 of every optimizer step)."""
+        if self.grads is None:
+            self.grads = self.xp.zeros(self.num_parameters, dtype=self.dtype)
+            self.g = carve(self.grads, self.shapes)
+        else:
+            self.grads.fill(0)
+        if self._train_shape is not None:
+            self.acts(*self._train_shape)["losses"].fill(0)
+
+    def mean_loss(self, num_tokens: int) -> float:
+        """Per-token losses summed over the micro-steps since zero_grad, divided by num_tokens."""
+        return float(self.acts(*self._train_shape)["losses"].sum()) / num_tokens
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of all parameter gradients."""
+        self.ops.global_norm_squared(self.norm, self.grads)
+        return float(np.sqrt(float(self.norm[0])))
+
+    # ---- state in and out --------------------------------------------------------------------------
+    def params_f32(self) -> np.ndarray:
+        """The parameters as a host float32 array (what a checkpoint stores)."""
+        return np.asarray(self.params, dtype=np.float32)
+
+    def optimizer_state(self) -> dict:
+        """AdamW moments as host float32 arrays (zeros before the first update)."""
+        if self.m is None:
+            zeros = np.zeros(self.num_parameters, dtype=np.float32)
+            return {"m": zeros, "v": zeros}
+        return {"m": np.asarray(self.m), "v": np.asarray(self.v)}
+
+    def load_optimizer_state(self, state: dict):
+        """Restore AdamW moments from a loaded state file (llmpy.checkpoint.load_state)."""
+        self.m = self.xp.asarray(state["m"], dtype=np.float32).copy()
+        self.v = self.xp.asarray(state["v"], dtype=np.float32).copy()
+
+    def synchronize(self):
+        """Wait for queued device work (nothing to wait for on the CPU)."""
+
+    def mfu(self, tokens_per_step: int, ms: float, T: int) -> float:
+        """Model FLOPs utilisation in percent, or -1 where the device's peak is unknown (the CPU)."""
+        return -1.0
+
+    def memory_report(self) -> str:
+        nbytes = self.params.nbytes * 2 + sum(a.nbytes for acts in self._acts.values()
+                                               for a in acts.values())
+        return f"memory: {nbytes / 2**20:.1f} MiB in parameters, gradients and activations"
+
+    def close(self):
+        """Release buffers (the GPU engine returns its pool memory here)."""
+        self._acts.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GPT(FlatParamModel):
     """GPT-2 on a backend `ops` (llmpy.cpu or llmpy.gpu): flat parameters, gradients and AdamW state.
 
     params/grads are flat buffers with named views `p`/`g` (llm.c's order). Activations are allocated
@@ -182,19 +272,7 @@ class GPT:
     flash_attention = False  # --flash-attention (GPU engine, bf16, head size 64): the fused attention ops
 
     def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
-        self.config, self.ops, self.xp = config, ops, ops.xp
-        self.dtype = np.dtype(dtype)
-        self.shapes = param_shapes(config)
-        self.num_parameters = num_parameters(config)
-        self.params = self.xp.zeros(self.num_parameters, dtype=self.dtype)
-        if params is not None:
-            self.params[...] = self.xp.asarray(params, dtype=self.dtype)
-        self.p = carve(self.params, self.shapes)
-        self.grads = None       # allocated lazily: inference needs no gradient memory
-        self.m = self.v = None  # AdamW moments (float32), allocated on the first update
-        self.norm = self.xp.zeros(1, dtype=np.float32)
-        self._acts = {}
-        self._train_shape = None
+        self._init_flat(config, ops, param_shapes(config), dtype, params)
 
     # ---- buffers ---------------------------------------------------------------------------------
     def acts(self, B: int, T: int) -> dict:
@@ -212,16 +290,6 @@ class GPT:
             self._acts[key] = {k: self.xp.zeros(s, dtype=act_dtype(k, self.dtype))
                                for k, s in shapes.items()}
         return self._acts[key]
-
-    def zero_grad(self):
-        """Zero the parameter gradients and the training losses (micro-step 0 of every optimizer step)."""
-        if self.grads is None:
-            self.grads = self.xp.zeros(self.num_parameters, dtype=self.dtype)
-            self.g = carve(self.grads, self.shapes)
-        else:
-            self.grads.fill(0)
-        if self._train_shape is not None:
-            self.acts(*self._train_shape)["losses"].fill(0)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, inp):
@@ -270,10 +338,6 @@ class GPT:
         return float(a["losses"].sum()) / targets.size
 
     # ---- backward --------------------------------------------------------------------------------
-    def mean_loss(self, num_tokens: int) -> float:
-        """Per-token losses summed over the micro-steps since zero_grad, divided by num_tokens."""
-        return float(self.acts(*self._train_shape)["losses"].sum()) / num_tokens
-
     def backward(self, inp, targets, dloss: float, *, seed: int = 0):
         """Backward of the last forward(inp): per-token losses ACCUMULATE into acts['losses'] (zero them at
         micro-step 0), dlogits = dloss * (softmax - onehot) overwrite the logits, parameter gradients
@@ -330,62 +394,14 @@ class GPT:
         self.backward(inp, self.xp.asarray(targets), dloss, seed=seed)
 
     # ---- optimizer -------------------------------------------------------------------------------
-    def grad_norm(self) -> float:
-        """Global L2 norm of all parameter gradients."""
-        self.ops.global_norm_squared(self.norm, self.grads)
-        return float(np.sqrt(float(self.norm[0])))
-
     def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
                grad_scale: float = 1.0, seeds=None):
         """One AdamW step (t is 1-based) over the 16 tensors; weight decay only on the 2-D matrices.
         seeds: one uint32 per tensor for stochastic rounding (ignored by fp32 backends)."""
-        if self.m is None:
-            self.m = self.xp.zeros(self.num_parameters, dtype=np.float32)
-            self.v = self.xp.zeros(self.num_parameters, dtype=np.float32)
-        m, v = carve(self.m, self.shapes), carve(self.v, self.shapes)
+        m, v = self._moments()
         for i, name in enumerate(self.shapes):
             self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
                                   beta2=beta2, eps=eps, t=t, grad_scale=grad_scale,
                                   weight_decay=weight_decay if name in DECAYED else 0.0,
                                   seed=0 if seeds is None else int(seeds[i]))
 
-    # ---- state in and out --------------------------------------------------------------------------
-    checkpoint_dtype = "fp32"   # CPU models are saved as llm.c v3 files
-
-    def params_f32(self) -> np.ndarray:
-        """The parameters as a host float32 array (what a checkpoint stores)."""
-        return np.asarray(self.params, dtype=np.float32)
-
-    def optimizer_state(self) -> dict:
-        """AdamW moments as host float32 arrays (zeros before the first update)."""
-        if self.m is None:
-            zeros = np.zeros(self.num_parameters, dtype=np.float32)
-            return {"m": zeros, "v": zeros}
-        return {"m": np.asarray(self.m), "v": np.asarray(self.v)}
-
-    def load_optimizer_state(self, state: dict):
-        """Restore AdamW moments from a loaded state file (llmpy.checkpoint.load_state)."""
-        self.m = self.xp.asarray(state["m"], dtype=np.float32).copy()
-        self.v = self.xp.asarray(state["v"], dtype=np.float32).copy()
-
-    def synchronize(self):
-        """Wait for queued device work (nothing to wait for on the CPU)."""
-
-    def mfu(self, tokens_per_step: int, ms: float, T: int) -> float:
-        """Model FLOPs utilisation in percent, or -1 where the device's peak is unknown (the CPU)."""
-        return -1.0
-
-    def memory_report(self) -> str:
-        nbytes = self.params.nbytes * 2 + sum(a.nbytes for acts in self._acts.values()
-                                               for a in acts.values())
-        return f"memory: {nbytes / 2**20:.1f} MiB in parameters, gradients and activations"
-
-    def close(self):
-        """Release buffers (the GPU engine returns its pool memory here)."""
-        self._acts.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import threading
@@ -36,9 +37,9 @@ LOCK_NAME = "run.lock"
 RUN_FILE = "run.json"
 ARCHIVE_DIR = "previous"
 # what a run writes into -o (moved aside as a whole when a fresh run takes the folder over)
-RUN_FILES = re.compile(r"^(main\.log|metrics\.jsonl|loss\.png|run\.json|model_\d{8}\.bin|state_\d{8}_\d{5}\.bin"
-                       r"|DONE_\d{8})$")
-TEMP_FILE = re.compile(r"^(?P<target>.+)" + re.escape(TMP_SUFFIX) + r"\d+$")
+RUN_FILES = re.compile(r"^(main\.log|metrics\.jsonl|loss\.png|run\.json|model_\d{8}(\.bin)?|state_\d{8}_\d{5}\.bin"
+                       r"|DONE_\d{8})$")   # model_%08d without .bin: a nanochat checkpoint directory
+TEMP_FILE = re.compile(r"^(?P<target>.+)" + re.escape(TMP_SUFFIX) + r"\d*$")   # nanochat's: <dir>.tmp
 # the flags a checkpoint's state depends on: resuming with other values would not continue that run
 IDENTITY = {"model": "-e", "train_data": "-i", "batch_size": "-b", "seq_len": "-t", "total_batch_size": "-d",
             "overfit_single_batch": "-a"}
@@ -139,8 +140,12 @@ class OutputDir:
         removed = [n for n in sorted(os.listdir(self.path))
                    if (m := TEMP_FILE.match(n)) and RUN_FILES.match(m.group("target"))]
         for name in removed:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self._join(name))
+            path = self._join(name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
         if removed:
             log(f"removed {len(removed)} unfinished file(s) of an interrupted write in {self.path}: "
                 + ", ".join(removed))
@@ -245,7 +250,7 @@ class SignalStop:
 def report_run(out_dir: str, *, resume_command: str, log=print) -> None:
     """Draw out_dir/loss.png (or say in one line what to install), then list what the run kept and the
     commands to sample from it, plot it and resume it."""
-    from llmpy.checkpoint import latest_done_step, model_path
+    from llmpy.checkpoint import latest_done_step, saved_model_path
     from llmpy.plot import plot_run_dir
     try:
         png = plot_run_dir(out_dir)
@@ -253,7 +258,7 @@ def report_run(out_dir: str, *, resume_command: str, log=print) -> None:
         png = None
         log(f"no loss.png: {e}")
     step = latest_done_step(out_dir)
-    model = model_path(out_dir, step) if step is not None else None
+    model = saved_model_path(out_dir, step) if step is not None else None
     kept = [p for p in (model, os.path.join(out_dir, "main.log"), os.path.join(out_dir, "metrics.jsonl"),
                         png and str(png)) if p and os.path.exists(p)]
     q = shlex.quote

@@ -1,4 +1,6 @@
-"""Autoregressive sampling from a GPT model, llm.c-style: no KV cache, a fixed-seed xorshift coin per token.
+"""Autoregressive sampling from a GPT model, llm.c-style: a fixed-seed xorshift coin per token. GPT-2 runs
+without a KV cache (a forward over the whole sequence per token); models that offer one (nanochat's,
+`model.kv_cache(max_len).feed(tokens)`) feed each new token once.
 
 With temperature 1 and no top-k this draws exactly as llm.c's trainer does: the first index whose running
 sum of probabilities exceeds a uniform coin. The coins come from llmpy.rng.XorShiftStar, so a given seed,
@@ -35,6 +37,9 @@ def generate(model, prompt: list[int], num_tokens: int, rng, *, temperature: flo
     cfg = model.config
     max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
     tokens = list(prompt)
+    if hasattr(model, "kv_cache"):       # models with a KV cache (llmpy/nanochat.py) feed only new tokens
+        return _generate_cached(model.kv_cache(max_len), tokens, num_tokens, rng, max_len,
+                                dict(temperature=temperature, top_k=top_k), on_token)
     pad = min(64, max_len)
     for _ in range(num_tokens):
         if len(tokens) >= max_len:
@@ -53,4 +58,19 @@ def generate(model, prompt: list[int], num_tokens: int, rng, *, temperature: flo
         tokens.append(tok)
         if on_token is not None:
             on_token(tok)
+    return tokens
+
+
+def _generate_cached(cache, tokens: list[int], num_tokens: int, rng, max_len: int, how: dict, on_token):
+    """generate() through a KV cache: the prompt in one feed, then one token per feed."""
+    row = cache.feed(tokens)
+    for _ in range(num_tokens):
+        if len(tokens) >= max_len:
+            break
+        tok = sample_index(np.asarray(row, dtype=np.float32), rng.random_f32(), **how)
+        tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(tokens) < max_len:
+            row = cache.feed([tok])
     return tokens

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmpy import checkpoint
+from llmpy import checkpoint, families
 from llmpy.data import DataLoader, find_val_split
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
@@ -41,7 +41,8 @@ class TrainConfig:
     val_data: str = flag("-j", "", "val token shards (glob); empty: the default corpus's val split, or the "
                                    "shards beside -i with 'val' for 'train' in their names")
     model: str = flag("-e", "", "model .bin (llm.c v3/v5) or descriptor d6|d12|d24|d36|d48|gpt3:cN "
-                                "(empty: d12)")
+                                "(empty: d12); nanochat: a directory with config.json + model.safetensors "
+                                "or nanochat:dN[:kvK]")
     output_dir: str = flag("-o", "", "output dir for main.log, metrics.jsonl, checkpoints and loss.png; one run "
                                      "at a time (empty: nothing is written, or runs/<time> for the embedded corpus)")
     # checkpoints
@@ -62,6 +63,9 @@ class TrainConfig:
     warmup_steps: int = flag("-u", 0, "linear warmup steps")
     final_lr_frac: float = flag("-q", 1.0, "final learning rate as a fraction of the peak")
     weight_decay: float = flag("-c", 0.0, "AdamW weight decay (2-D weights only)")
+    optimizer: str = flag("", "adamw", "adamw, or muon for nanochat models (Muon on the block matrices, "
+                                       "AdamW on wte and lm_head)", choices=("adamw", "muon"))
+    muon_lr: float = flag("", 0.02, "Muon's peak learning rate (the -k schedule scales it like -l)")
     skip_loss_z: float = flag("-sl", 0.0, "skip the update when the loss z-score exceeds this (0: off)")
     skip_norm_z: float = flag("-sg", 0.0, "skip the update when the grad-norm z-score exceeds this (0: off)")
     # evaluation
@@ -243,7 +247,7 @@ def model_factory(cfg: TrainConfig, device: str, *, log=print):
 
 
 # which numeric flags take which values (the choices of 0/1 and other small flags live in TrainConfig)
-POSITIVE = ("batch_size", "seq_len", "gen_len", "learning_rate")
+POSITIVE = ("batch_size", "seq_len", "gen_len", "learning_rate", "muon_lr")
 NON_NEGATIVE = ("checkpoint_every", "checkpoints_keep", "major_checkpoint_every", "warmup_steps", "weight_decay",
                 "skip_loss_z", "skip_norm_z", "val_every")
 POSITIVE_OR_MINUS_ONE = ("max_steps", "val_max_steps", "total_batch_size", "log_gpu_every")
@@ -337,14 +341,15 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
         train_pat = val_pat
 
     # model: -y resumes from the newest readable DONE_ checkpoint of this run, else -e
+    load = lambda spec: families.load_checked(spec, cfg, device, load_gpt=load_model_spec)  # noqa: E731
     resume = None
     if cfg.resume:
         out.check_resume(config_record(cfg))
-        resume = checkpoint.find_resume_point(cfg.output_dir, comm, zero_stage=cfg.zero_stage, log=log)
+        resume = checkpoint.find_resume_point(cfg.output_dir, comm, load=load, zero_stage=cfg.zero_stage, log=log)
     if resume is not None:
         gpt_cfg, params = resume.gpt_cfg, resume.params
     else:
-        gpt_cfg, params = load_model_spec(cfg.model or "d12")
+        gpt_cfg, params = load(cfg.model or "d12")
     if cfg.seq_len > gpt_cfg.max_seq_len:
         raise LlmpyError(f"-t/--seq-len {cfg.seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
     plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, comm, log)
@@ -380,8 +385,8 @@ def _resume_command(cfg: TrainConfig) -> str:
 
 def _build_and_train(cfg, make_model, gpt_cfg, params, plan, resume, comm, *, signals: bool, log) -> dict:
     # NumPy's overflow warnings would only add lines: the loop itself stops on a non-finite loss or norm
-    with make_model(gpt_cfg, params) as model, SignalStop(enabled=signals) as stop, \
-            np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with families.build(gpt_cfg, params, cfg, make_model, log=log) as model, \
+            SignalStop(enabled=signals) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _train_loop(cfg, model, plan, resume, comm, stop, log)
 
 
@@ -477,7 +482,7 @@ def _train_loop(cfg: TrainConfig, model: GPT, plan: DataPlan, resume: checkpoint
         if step != saved_step:
             save_checkpoint(cfg, model, step, rng.state, rng_state_last_update, train_loader, log, dp)
         e = Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}; its checkpoint is "
-                        f"{checkpoint.model_path(cfg.output_dir, step)}: resume with the same command and -y 1",
+                        f"{checkpoint.saved_model_path(cfg.output_dir, step)}: resume with the same command and -y 1",
                         signum)
         e.quiet = rank != 0     # every rank stops; rank 0 says so
         raise e
@@ -595,7 +600,7 @@ def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, 
         checkpoint.mark_done(cfg.output_dir, step)
     checkpoint.prune_checkpoints(cfg.output_dir, step, cfg.checkpoint_every, cfg.checkpoints_keep,
                                  cfg.major_checkpoint_every, rank=comm.rank)
-    log(f"checkpoint: {checkpoint.model_path(cfg.output_dir, step)}")
+    log(f"checkpoint: {checkpoint.saved_model_path(cfg.output_dir, step)}")
 
 
 def _tokenizer(log):

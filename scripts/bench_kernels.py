@@ -7,7 +7,8 @@ plain baseline that does the same math.
     python scripts/bench_kernels.py --device cuda --ops layernorm,gelu -B 8 -T 1024 --out out/bench
 
 The registry (scripts/kernel_cases.py) has one entry per op family (encoder, layernorm, fused_residual,
-residual, matmul, attention, gelu, classifier, adamw, global_norm), each with its forward and backward
+residual, matmul, attention, gelu, classifier, adamw, global_norm, and the nanochat model's rmsnorm,
+rope, relu2, muon), each with its forward and backward
 where the op has one. An entry gives the arrays at GPT-2 124M shapes (C=768, NH=12, V=50257, Vp=50304),
 the call through the same function the trainer uses, the bytes it must move or the FLOPs it must do,
 and the baseline: a NumPy expression on the CPU, the same expression in CuPy on the GPU (timed in bf16
@@ -38,7 +39,8 @@ import benchutil as bu
 from kernel_cases import FAMILIES, Case, Dims, Ref, registry
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024)   # llm.c's usual sweep (llmc-facts.md §12.1)
-KEEP_F32 = {"mean", "rstd", "losses", "m", "v", "master", "norm", "lse", "delta"}   # fp32 whatever the storage dtype
+KEEP_F32 = {"mean", "rstd", "losses", "m", "v", "master", "norm", "lse", "delta",   # fp32 whatever the storage
+            "cos", "sin", "momentum"}                                               # dtype
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}   # max |ours - baseline| / max |baseline|
 
 # -------------------------------------------------------------------------------------------------

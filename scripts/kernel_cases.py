@@ -18,7 +18,8 @@ import numpy as np
 
 GELU_K, GELU_A, LN_EPS = math.sqrt(2.0 / math.pi), 0.044715, 1e-5
 FAMILIES = ("encoder", "layernorm", "fused_residual", "residual", "matmul", "attention", "gelu",
-            "classifier", "adamw", "global_norm")
+            "classifier", "adamw", "global_norm", "rmsnorm", "rope", "relu2", "muon")
+RMS_EPS, ROPE_BASE, SOFTCAP, NS_COEFFS = 1e-6, 10000.0, 15.0, (3.4445, -4.7750, 2.0315)
 
 
 @dataclass(frozen=True)
@@ -379,9 +380,154 @@ def registry(d: Dims, quick: bool) -> list[Case]:
         + (nb(a["param"]) if "master" in a else 0),
         kwargs={**hyper, "master": Ref("master")}))
 
+    cases += nanochat_cases(d, quick)
+
     cases.append(Case(
         "global_norm", "forward", "global_norm_squared", f"N={N:,}",
         lambda rng: {"norm": zeros(1), "grad": randn(rng, N, scale=1e-3)}, ("norm", "grad"), ("norm",),
         lambda xp, a: {"norm": (a["grad"] * a["grad"]).sum().reshape(1)}, "(g * g).sum()",  # pairwise sum
         bytes=lambda a: nb(a["grad"]), module="adamw"))
+    return cases
+
+
+def newton_schulz(xp, g, steps=5):
+    """nanochat's quintic Newton-Schulz on each matrix of g (..., rows, cols), in g's dtype."""
+    a, b, c = NS_COEFFS
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.swapaxes(-1, -2) if tall else g
+    x = x / (xp.sqrt((x * x).sum((-2, -1), keepdims=True)) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.swapaxes(-1, -2)
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.swapaxes(-1, -2) if tall else x
+
+
+def nanochat_cases(d: Dims, quick: bool) -> list[Case]:
+    """The nanochat model's own ops (issue 17) at GPT-2 124M's width: weightless RMSNorm (and QK-norm
+    rows), RoPE on q, squared ReLU, the softcapped classifier and Muon over the 12 layers' c_fc."""
+    B, T, C, NH, V, Vp = d.B, d.T, d.C, d.NH, d.V, d.Vp
+    HS, bt = C // NH, f"B={B} T={T}"
+    cases = []
+
+    def rms(xp, x):
+        return 1.0 / xp.sqrt((x * x).mean(-1) + RMS_EPS)
+    cases.append(Case(
+        "rmsnorm", "forward", "rmsnorm_forward", f"{bt} C={C}",
+        lambda rng: {"out": zeros(B, T, C), "rstd": zeros(B, T), "inp": randn(rng, B, T, C)},
+        ("out", "rstd", "inp"), ("out", "rstd"),
+        lambda xp, a: {"out": a["inp"] * rms(xp, a["inp"])[..., None], "rstd": rms(xp, a["inp"])},
+        "x / sqrt(mean(x^2) + eps)", bytes=lambda a: nb(a["out"], a["rstd"], a["inp"])))
+
+    def rms_backward_make(rng):
+        a = {"dinp": zeros(B, T, C), "dout": randn(rng, B, T, C), "inp": randn(rng, B, T, C)}
+        a["rstd"] = (1.0 / np.sqrt((a["inp"].astype(np.float64) ** 2).mean(-1) + RMS_EPS)).astype(np.float32)
+        return a
+
+    def rms_backward_baseline(xp, a):
+        r = a["rstd"][..., None]
+        n = a["inp"] * r
+        return {"dinp": (a["dout"] - n * (a["dout"] * n).mean(-1, keepdims=True)) * r}
+    cases.append(Case(
+        "rmsnorm", "backward", "rmsnorm_backward", f"{bt} C={C}", rms_backward_make,
+        ("dinp", "dout", "inp", "rstd"), ("dinp",), rms_backward_baseline, "rstd (dy - n mean(dy n))",
+        # read dout, inp, rstd; dinp is read-modify-write (+=)
+        bytes=lambda a: nb(a["dout"], a["inp"], a["rstd"]) + 2 * nb(a["dinp"])))
+
+    def fused_rms_baseline(xp, a):
+        r = a["inp1"] + a["inp2"]
+        return {"residual": r, "normed": r * rms(xp, r)[..., None], "rstd": rms(xp, r)}
+    cases.append(Case(
+        "rmsnorm", "forward", "fused_residual_rmsnorm_forward", f"{bt} C={C} +residual",
+        lambda rng: {"residual": zeros(B, T, C), "normed": zeros(B, T, C), "rstd": zeros(B, T),
+                     "inp1": randn(rng, B, T, C), "inp2": randn(rng, B, T, C)},
+        ("residual", "normed", "rstd", "inp1", "inp2"), ("residual", "normed", "rstd"), fused_rms_baseline,
+        "r = a + b; rmsnorm(r)",
+        bytes=lambda a: nb(*(a[k] for k in ("residual", "normed", "rstd", "inp1", "inp2"))),
+        case="fused"))
+    cases.append(Case(
+        "rmsnorm", "forward", "rmsnorm_forward", f"{bt} NH={NH} HS={HS} QK-norm",
+        lambda rng: {"out": zeros(B, T, NH, HS), "rstd": zeros(B, T, NH), "inp": randn(rng, B, T, NH, HS)},
+        ("out", "rstd", "inp"), ("out", "rstd"),
+        lambda xp, a: {"out": a["inp"] * rms(xp, a["inp"])[..., None], "rstd": rms(xp, a["inp"])},
+        "x / sqrt(mean(x^2) + eps) per head", bytes=lambda a: nb(a["out"], a["rstd"], a["inp"]), case="qk"))
+
+    def rope_make(rng, out="out", inp="inp"):
+        angle = np.outer(np.arange(T), ROPE_BASE ** (-np.arange(0, HS, 2) / HS))
+        return {out: zeros(B, T, NH, HS), inp: randn(rng, B, T, NH, HS),
+                "cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32)}
+
+    def rotate(x, cos, sin):
+        c, s_, h = cos[:, None, :], sin[:, None, :], HS // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return x1 * c + x2 * s_, x2 * c - x1 * s_
+
+    def rope_baseline(xp, a, sign=1.0, inp="inp", out="out"):
+        y1, y2 = rotate(a[inp], a["cos"], sign * a["sin"])
+        return {out: xp.concatenate((y1, y2), axis=-1)}
+    for direction, fn, names, sign in (("forward", "rope_forward", ("out", "inp"), 1.0),
+                                       ("backward", "rope_backward", ("dinp", "dout"), -1.0)):
+        cases.append(Case(
+            "rope", direction, fn, f"{bt} NH={NH} HS={HS}",
+            lambda rng, names=names: rope_make(rng, *names), (*names, "cos", "sin"), names[:1],
+            lambda xp, a, names=names, sign=sign: rope_baseline(xp, a, sign, names[1], names[0]),
+            "cat(x1 cos + x2 sin, x2 cos - x1 sin)",
+            bytes=lambda a, names=names: nb(a[names[0]], a[names[1]], a["cos"], a["sin"])))
+
+    cases.append(Case(
+        "relu2", "forward", "relu2_forward", f"{bt} 4C={4 * C}",
+        lambda rng: {"out": zeros(B, T, 4 * C), "inp": randn(rng, B, T, 4 * C)},
+        ("out", "inp"), ("out",), lambda xp, a: {"out": xp.maximum(a["inp"], 0) ** 2}, "max(x, 0)^2",
+        bytes=lambda a: nb(a["out"], a["inp"])))
+    cases.append(Case(
+        "relu2", "backward", "relu2_backward", f"{bt} 4C={4 * C}",
+        lambda rng: {"dinp": zeros(B, T, 4 * C), "inp": randn(rng, B, T, 4 * C), "dout": randn(rng, B, T, 4 * C)},
+        ("dinp", "inp", "dout"), ("dinp",), lambda xp, a: {"dinp": 2 * xp.maximum(a["inp"], 0) * a["dout"]},
+        "2 max(x, 0) dout", bytes=lambda a: nb(a["dinp"], a["inp"], a["dout"])))
+
+    # ---- fused classifier with nanochat's logit softcap
+    dloss = 1.0 / (B * T)
+
+    def softcap_make(rng):
+        logits = randn(rng, B, T, Vp, scale=10.0)
+        logits[..., V:] = 0.0
+        return {"logits": logits, "losses": zeros(B, T), "targets": rng.integers(0, V, (B, T), dtype=np.int32)}
+
+    def softcap_baseline(xp, a):
+        BT = B * T
+        t = xp.tanh(a["logits"][..., :V].reshape(BT, V) / SOFTCAP)
+        z, tgt, rows = SOFTCAP * t, a["targets"].reshape(BT), xp.arange(BT)
+        mx = z.max(-1, keepdims=True)
+        lse = xp.log(xp.exp(z - mx).sum(-1, keepdims=True)) + mx
+        dz = xp.exp(z - lse) * dloss
+        dz[rows, tgt] -= dloss
+        full = xp.zeros((BT, Vp), dtype=dz.dtype)
+        full[:, :V] = dz * (1 - t * t)
+        return {"logits": full.reshape(B, T, Vp), "losses": (lse[:, 0] - z[rows, tgt]).reshape(B, T)}
+    cases.append(Case(
+        "classifier", "fused", "fused_classifier", f"{bt} V={V} Vp={Vp} softcap={SOFTCAP:g}", softcap_make,
+        ("logits", "losses", "logits", "targets", dloss, V), ("logits", "losses"), softcap_baseline,
+        "z = c tanh(x / c); log-softmax(z), dlogits through 1 - tanh^2",
+        bytes=lambda a: 2 * nb(a["logits"]) + nb(a["targets"]) + 2 * nb(a["losses"]),
+        kwargs={"softcap": SOFTCAP}, case="softcap"))
+
+    # ---- Muon over the 12 layers' c_fc (4C, C): Newton-Schulz as batched GEMMs (tall: Gram C x C)
+    L, rows, cols = (2, 192, 48) if quick else (12, 4 * C, C)
+    k, lr, beta = min(rows, cols), 0.02, 0.95
+    ns_flops = L * 5 * (4.0 * k * k * max(rows, cols) + 2.0 * k ** 3)
+
+    def muon_make(rng):
+        p = randn(rng, L, rows, cols, scale=0.02)
+        return {"param": p, "momentum": randn(rng, L, rows, cols, scale=1e-3),
+                "grad": randn(rng, L, rows, cols, scale=1e-3), "master": p.copy()}
+
+    def muon_baseline(xp, a):
+        buf = beta * a["momentum"] + (1 - beta) * a["grad"]
+        u = (1 - beta) * a["grad"] + beta * buf
+        p = a.get("master", a["param"]) - lr * max(1.0, rows / cols) ** 0.5 * newton_schulz(xp, u)
+        return {"param": p, "master": p, "momentum": buf}
+    cases.append(Case(
+        "muon", "update", "muon_update", f"L={L} {rows}x{cols}", muon_make, ("param", "momentum", "grad"),
+        ("param", "master", "momentum"), muon_baseline, "momentum + 5 Newton-Schulz steps (batched matmul)",
+        flops=ns_flops, kwargs={"lr": lr, "beta": beta, "master": Ref("master")},
+        baseline_f32=True))   # CuPy 14.2's batched bf16 matmul is broken (cupy-notes.md §2.1)
     return cases

@@ -84,3 +84,70 @@ def test_flash_reference_matches_torch(rng):
     assert_close(lse, lse_t.detach().numpy(), atol=1e-12, name="lse")
     assert_close(dinp, x_t.grad.numpy(), atol=1e-12, name="dinp")
     assert_close(delta, (dout * out).reshape(B, T, NH, HS).sum(-1).transpose(0, 2, 1), atol=1e-12, name="delta")
+
+
+# -------------------------------------------------------------------------------------------------
+# grouped-query attention (separate q, k, v; NKV kv heads shared by groups of NH / NKV query heads)
+
+
+def _gqa_case(rng, B, T, NH, NKV, HS, dtype):
+    q = rng.standard_normal((B, T, NH, HS)).astype(dtype)
+    k, v = rng.standard_normal((2, B, T, NKV, HS)).astype(dtype)
+    return q, k, v, rng.standard_normal((B, T, NH, HS)).astype(dtype)
+
+
+@pytest.mark.parametrize("NH,NKV", [(4, 2), (3, 1), (2, 2)])
+def test_gqa_backward_is_the_derivative(rng, NH, NKV):
+    B, T, HS = 2, 5, 2
+    q, k, v, dout = _gqa_case(rng, B, T, NH, NKV, HS, np.float64)
+    out, att = np.empty((B, T, NH, HS)), np.empty((B, NH, T, T))
+
+    def loss():
+        ref.gqa_attention_forward(out, att, q, k, v)
+        return (out * dout).sum()
+
+    loss()
+    assert np.all(np.triu(att, 1) == 0.0), "att above the diagonal must be exactly 0"
+    grads = [np.full_like(a, np.nan) for a in (q, k, v)]
+    ref.gqa_attention_backward(*grads, np.empty_like(att), dout, q, k, v, att)
+    for name, x, g in zip("qkv", (q, k, v), grads):
+        assert_close(g, numerical_grad(loss, x), atol=1e-8, name="d" + name)
+
+
+@pytest.mark.parametrize("NH,NKV", [(4, 2), (4, 1), (3, 3)])
+def test_gqa_matches_torch_and_flash_contract(rng, NH, NKV):
+    torch = pytest.importorskip("torch")
+    B, T, HS = 2, 7, 8
+    q, k, v, dout = _gqa_case(rng, B, T, NH, NKV, HS, np.float32)
+    out, att = np.empty((B, T, NH, HS), np.float32), np.empty((B, NH, T, T), np.float32)
+    ref.gqa_attention_forward(out, att, q, k, v)
+    dq, dk, dv = (np.empty_like(a) for a in (q, k, v))
+    ref.gqa_attention_backward(dq, dk, dv, np.empty_like(att), dout, q, k, v, att)
+
+    leaves = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    y = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), is_causal=True,
+                                                         enable_gqa=True).transpose(1, 2)
+    y.backward(torch.from_numpy(dout))
+    assert_close(out, y.detach().numpy(), atol=1e-5, rtol=1e-5, name="out")
+    for name, got, leaf in zip("qkv", (dq, dk, dv), leaves):
+        assert_close(got, leaf.grad.numpy(), atol=1e-5, rtol=1e-5, name="d" + name)
+
+    fout, lse = np.empty_like(out), np.empty((B, NH, T), np.float32)
+    ref.gqa_flash_attention_forward(fout, lse, q, k, v)
+    fgrads = [np.empty_like(a) for a in (q, k, v)]
+    ref.gqa_flash_attention_backward(*fgrads, np.empty_like(lse), dout, q, k, v, fout, lse)
+    assert_close(fout, out, atol=1e-6, name="flash out")
+    for name, got, want in zip("qkv", fgrads, (dq, dk, dv)):
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name="flash d" + name)
+
+
+def test_gqa_with_all_kv_heads_equals_packed_attention(rng):
+    """NKV = NH is GPT-2's multi-head attention: the packed-qkv op gives the same numbers."""
+    B, T, NH, HS = 1, 6, 2, 4
+    q, k, v, dout = _gqa_case(rng, B, T, NH, NH, HS, np.float64)
+    out, att = np.empty((B, T, NH, HS)), np.empty((B, NH, T, T))
+    ref.gqa_attention_forward(out, att, q, k, v)
+    buf = _buffers(B, T, NH, HS, np.float64)
+    ref.attention_forward(buf["out"], buf["qkvr"], buf["att"],
+                          np.concatenate([a.reshape(B, T, -1) for a in (q, k, v)], -1))
+    assert_close(out.reshape(B, T, -1), buf["out"], atol=1e-14, name="out")

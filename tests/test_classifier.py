@@ -67,3 +67,35 @@ def test_matches_torch(rng, monkeypatch):
     assert_close(dlogits[..., :V_], x_t.grad.numpy(), atol=1e-7, rtol=1e-5, name="dlogits")
     assert np.all(dlogits[..., V_:] == 0.0)
     assert losses.dtype == dlogits.dtype == np.float32
+
+
+# -------------------------------------------------------------------------------------------------
+# softcap (nanochat: 15 tanh(logits / 15)) fused into the classifier
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_softcap_classifier_matches_torch(rng, in_place):
+    torch = pytest.importorskip("torch")
+    B, T, V, Vp = 2, 3, 11, 16
+    logits = (rng.standard_normal((B, T, Vp)) * 20).astype(np.float32)   # well into tanh's saturation
+    targets = rng.integers(0, V, (B, T)).astype(np.int32)
+    dloss = 1.0 / (B * T)
+    x_t = torch.tensor(logits[..., :V], requires_grad=True)
+    z = 15 * torch.tanh(x_t / 15)
+    loss_t = torch.nn.functional.cross_entropy(z.reshape(-1, V), torch.from_numpy(targets).long().reshape(-1),
+                                               reduction="none")
+    loss_t.sum().mul(dloss).backward()
+
+    losses = np.zeros((B, T), np.float32)
+    dlogits = logits if in_place else np.full_like(logits, np.nan)
+    ref.fused_classifier(dlogits, losses, logits.copy() if not in_place else logits, targets, dloss, V, softcap=15.0)
+    assert_close(losses.reshape(-1), loss_t.detach().numpy(), atol=1e-5, rtol=1e-5, name="losses")
+    assert_close(dlogits[..., :V], x_t.grad.numpy(), atol=1e-7, rtol=1e-5, name="dlogits")
+    assert np.all(dlogits[..., V:] == 0)
+
+    capped = np.empty_like(x_t.detach().numpy())
+    ref.softcap_forward(capped, x_t.detach().numpy(), 15.0)
+    assert_close(capped, z.detach().numpy(), atol=1e-6, name="softcap_forward")
+    losses2 = np.zeros((B, T), np.float32)
+    ref.fused_classifier(None, losses2, capped, targets, dloss, V)           # loss of capped logits, no cap
+    assert_close(losses2, losses, atol=1e-6, name="losses from capped logits")

@@ -62,15 +62,16 @@ class FakeLt:
         BATCH_COUNT, STRIDED_BATCH_OFFSET = 5, 6
 
     class MatmulPreferenceAttribute:
-        MAX_WORKSPACE_BYTES = 1
+        MAX_WORKSPACE_BYTES, REDUCTION_SCHEME_MASK = 1, 3
         MIN_ALIGNMENT_A_BYTES, MIN_ALIGNMENT_B_BYTES, MIN_ALIGNMENT_C_BYTES, MIN_ALIGNMENT_D_BYTES = 5, 6, 7, 8
 
     class MatmulHeuristicResult:
         def __init__(self, n):
             self.ptr = 0xA160
 
-    def __init__(self, algorithms=1):
-        self.algorithms = algorithms
+    def __init__(self, algorithms=1, restricted_algorithms=None):
+        self.algorithms = algorithms      # what the heuristic finds; with split-K reductions restricted:
+        self.restricted_algorithms = restricted_algorithms   # None: the same
         self.ids = 100
         self.live: dict[int, str] = {}
         self.attrs: dict[int, dict] = {}
@@ -108,7 +109,9 @@ class FakeLt:
 
     def matmul_algo_get_heuristic(self, handle, desc, a, b, c, d, pref, requested, results, count):
         self.heuristic_calls.append(dict(desc=desc, layouts=(a, b, c, d), pref=dict(self.attrs[pref])))
-        ctypes.c_int32.from_address(count).value = self.algorithms
+        mask = self.attrs[pref][self.MatmulPreferenceAttribute.REDUCTION_SCHEME_MASK]
+        restricted = mask != cublaslt.REDUCTION_SCHEME_ALL and self.restricted_algorithms is not None
+        ctypes.c_int32.from_address(count).value = self.restricted_algorithms if restricted else self.algorithms
 
     def matmul(self, handle, desc, alpha, a, adesc, b, bdesc, beta, c, cdesc, d, ddesc, algo, ws, ws_bytes,
                stream):
@@ -169,7 +172,22 @@ def test_forward_bias_call(env):
     pref = env.lt.heuristic_calls[0]["pref"]
     assert pref[FakeLt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES] == cublaslt.WORKSPACE_BYTES
     assert pref[FakeLt.MatmulPreferenceAttribute.MIN_ALIGNMENT_A_BYTES] == 256
+    assert pref[FakeLt.MatmulPreferenceAttribute.REDUCTION_SCHEME_MASK] == cublaslt.REDUCTION_SCHEME_INPLACE
     assert set(env.lt.live.values()) == {"desc", "layout"}  # the preference was destroyed
+
+
+def test_unrestricted_reductions_only_when_the_mask_finds_nothing(env, monkeypatch):
+    """No algorithm under the reduction-scheme mask: the heuristic runs again with every scheme allowed,
+    and a warning says so (a graph replay may then differ from eager in the last bits)."""
+    lt = FakeLt(restricted_algorithms=0)
+    monkeypatch.setattr(cublaslt, "_load_cublaslt", lambda: lt)
+    handle = cublaslt.CublasLt(env.arrays((cublaslt.WORKSPACE_BYTES,), np.uint8))
+    out, inp, w = env.arrays((5, 24)), env.arrays((5, 16)), env.arrays((24, 16))
+    with pytest.warns(RuntimeWarning, match="split-K reductions limited to mask 1"):
+        matmul.matmul_forward(out, inp, w, None, handle=handle)
+    masks = [c["pref"][FakeLt.MatmulPreferenceAttribute.REDUCTION_SCHEME_MASK] for c in lt.heuristic_calls]
+    assert masks == [cublaslt.REDUCTION_SCHEME_INPLACE, cublaslt.REDUCTION_SCHEME_ALL] and len(lt.matmuls) == 1
+    assert set(lt.live.values()) == {"desc", "layout"}      # both preferences destroyed
 
 
 def test_forward_gelu_sets_aux(env):
@@ -367,6 +385,19 @@ def test_real_descriptors_read_back(case, real_lt):
             assert _get(get_lay, layout, LA.BATCH_COUNT, lay_dtype(LA.BATCH_COUNT)) == plan.batch
             if plan.batch > 1:
                 assert _get(get_lay, layout, LA.STRIDED_BATCH_OFFSET, lay_dtype(LA.STRIDED_BATCH_OFFSET)) == stride
+        # the preference, with the reduction-scheme mask that keeps graph replays bitwise equal to eager
+        assert int(lt.ReductionScheme.INPLACE) == cublaslt.REDUCTION_SCHEME_INPLACE
+        assert int(lt.ReductionScheme.MASK) == cublaslt.REDUCTION_SCHEME_ALL
+        pref = entry.preference(cublaslt.WORKSPACE_BYTES, (256, 16, 64), cublaslt.REDUCTION_SCHEMES)
+        try:
+            P, get_pref = lt.MatmulPreferenceAttribute, lt.matmul_preference_get_attribute
+            pref_dtype = lt.get_matmul_preference_attribute_dtype
+            got = {attr: _get(get_pref, pref, attr, pref_dtype(attr)) for attr in (
+                P.MAX_WORKSPACE_BYTES, P.REDUCTION_SCHEME_MASK, P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES,
+                P.MIN_ALIGNMENT_C_BYTES, P.MIN_ALIGNMENT_D_BYTES)}
+            assert list(got.values()) == [cublaslt.WORKSPACE_BYTES, cublaslt.REDUCTION_SCHEME_INPLACE, 256, 16, 64, 64]
+        finally:
+            lt.matmul_preference_destroy(pref)
     finally:
         entry.destroy()
 

@@ -43,3 +43,18 @@ def test_matches_torch(rng):
     assert_close(dwte, wte_t.grad.numpy(), atol=1e-5, name="dwte")
     assert_close(dwpe, wpe_t.grad.numpy(), atol=1e-5, name="dwpe")
     assert out.dtype == np.float32
+
+
+def test_without_position_embedding(rng):
+    """wpe None: a plain token embedding (rotary models); the backward scatters into dwte only."""
+    wte = rng.standard_normal((7, 3))
+    inp = np.array([[1, 4, 1], [0, 6, 4]], dtype=np.int32)
+    out = np.empty((2, 3, 3))
+    ref.encoder_forward(out, inp, wte, None)
+    assert_close(out, wte[inp], atol=0, name="out")
+    dout = rng.standard_normal(out.shape)
+    dwte = np.ones_like(wte)
+    ref.encoder_backward(dwte, None, dout, inp)
+    want = np.ones_like(wte)
+    np.add.at(want, inp.reshape(-1), dout.reshape(-1, 3))
+    assert_close(dwte, want, atol=1e-14, name="dwte")

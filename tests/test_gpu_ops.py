@@ -63,6 +63,7 @@ class Case:
     cublaslt: bool = False          # the op runs batched matmuls (nvmath-python on a GPU; NumPy
                                     # stands in for them in the emulator)
     dtypes: tuple = tuple(STORAGE)  # storage types the GPU op supports
+    label: str = ""                 # added to the test id where op and outputs repeat another case's
 
 
 def _bias_backward_reference(dbias, dout):
@@ -191,6 +192,15 @@ def make_attention(rng, B, T, NH, HS):
             "datt": _normal(rng, B, NH, T, T), "scratch": _normal(rng, B, NH, T, HS)}
 
 
+def make_attention_zeroed_upper(rng, B, T, NH, HS):
+    """make_attention with att's upper triangle zeroed, as the engine's arena has it, and a preatt
+    scratch (random: the GPU op overwrites it), for the launch that writes only the causal part."""
+    arrays = make_attention(rng, B, T, NH, HS)
+    arrays["att"] = np.tril(arrays["att"])
+    arrays["preatt"] = _normal(rng, B, NH, T, T)
+    return arrays
+
+
 def make_flash(rng, B, T, NH):
     C = NH * 64
     inp = _normal(rng, B, T, 3 * C)
@@ -264,6 +274,9 @@ CASES = [
     Case("attention_forward", ("out", "qkvr", "att", "inp"), ("out", "qkvr", "att"), make_attention,
          ATT_SIZES, k=BF16_INTERMEDIATES, floor_ulps=64, check=_upper_triangle_is_zero,
          cublaslt=True),
+    Case("attention_forward", ("out", "qkvr", "att", "inp"), ("out", "qkvr", "att"), make_attention_zeroed_upper,
+         ATT_SIZES, gpu_kwargs=dict(preatt="preatt"), k=BF16_INTERMEDIATES, floor_ulps=64,
+         check=_upper_triangle_is_zero, cublaslt=True, label="preatt"),
     Case("attention_backward", ("dinp", "dqkvr", "datt", "scratch", "dout", "saved_qkvr", "saved_att"),
          ("dinp",), make_attention, ATT_SIZES, k=BF16_INTERMEDIATES, floor_ulps=256,
          cublaslt=True),
@@ -273,6 +286,13 @@ CASES = [
          fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",)),
     Case("flash_attention_backward", ("dinp", "delta", "dout", "inp", "saved_out", "saved_lse"),
          ("dinp", "delta"), make_flash, FLASH_SIZES, fp32=FLASH_FP32, floor_ulps=256, dtypes=("bfloat16",)),
+    # 128-row tiles (8 warps, exp2 with the folded scale): T = 192 is one whole and one half tile, where
+    # the half's last four warps hold padding rows only; T = 100 one partial tile
+    Case("flash_attention_forward", ("out", "lse", "inp"), ("out", "lse"), make_flash, FLASH_SIZES,
+         gpu_kwargs=dict(tile=128), fp32=FLASH_FP32, floor_ulps=64, dtypes=("bfloat16",), label="tile128"),
+    Case("flash_attention_backward", ("dinp", "delta", "dout", "inp", "saved_out", "saved_lse"),
+         ("dinp", "delta"), make_flash, FLASH_SIZES, gpu_kwargs=dict(tile=128), fp32=FLASH_FP32, floor_ulps=256,
+         dtypes=("bfloat16",), label="tile128"),
     Case("fused_classifier", ("logits", "losses", "logits", "targets", 1.0 / 256, 50257),
          ("logits", "losses"), make_classifier, (dict(B=4, T=64, V=50257, Vp=50304),),
          fp32=("losses",), floor_ulps=32),
@@ -299,7 +319,8 @@ def _params_of(case):
         for dtype_name in case.dtypes:
             label = "-".join(f"{k}{v}" for k, v in size.items()).replace(" ", "")
             yield pytest.param(case, size, dtype_name,
-                               id=f"{case.op}-{'-'.join(case.outputs)}-{label}-{dtype_name}")
+                               id=f"{case.op}-{'-'.join(case.outputs)}{case.label and '-' + case.label}-"
+                                  f"{label}-{dtype_name}")
 
 
 def _params():
@@ -339,6 +360,31 @@ def test_results_do_not_depend_on_block_or_thread_order(emulator, case, size, dt
 
 # -------------------------------------------------------------------------------------------------
 # Properties the reference cannot show: determinism, device-side scalars, resume, rounding bias
+
+
+@pytest.mark.parametrize("dtype_name,T", [("bfloat16", 40), ("float32", 40), ("bfloat16", 13)])
+def test_softmax_with_preatt_writes_only_the_causal_part(backend, dtype_name, T):
+    """With a preatt scratch the softmax stores att[t, j] for j <= t and the zeros that share a 16-byte
+    chunk with the diagonal (T = 40: chunks of 8 bf16 or 4 float; T = 13: single columns), and leaves
+    every later column as it was (SLOW-3). A sentinel stands where the engine's zeros would be."""
+    from llmpy.gpu import attention
+    dtype, rng = STORAGE[dtype_name], np.random.default_rng(3)
+    B, NH, HS = 1, 2, 16
+    arrays = make_attention(rng, B, T, NH, HS)
+    sentinel = 5.0
+    att = np.where(np.tri(T, dtype=bool), arrays["att"], sentinel)
+    d = {n: _dev(arrays[n], dtype) for n in ("out", "qkvr", "inp")}
+    att_d, preatt_d = _dev(att, dtype), _dev(_normal(rng, B, NH, T, T), dtype)
+    attention.attention_forward(d["out"], d["qkvr"], att_d, d["inp"], preatt=preatt_d)
+    got = att_d.get().astype(np.float64)
+    chunk = 1 if T % (16 // dtype.itemsize) else 16 // dtype.itemsize
+    rows = np.arange(T)[:, None]
+    cols = np.arange(T)[None, :]
+    stored_end = (rows // chunk + 1) * chunk                        # end of the chunk holding the diagonal
+    np.testing.assert_allclose(np.where(cols <= rows, got, 0.0).sum(-1), 1.0, atol=0.02)   # probabilities
+    assert np.all(got[..., (cols > rows) & (cols < stored_end)] == 0.0)
+    assert np.all(got[..., cols >= stored_end] == sentinel)
+    assert np.all(got[..., cols <= rows] > 0.0)
 
 
 def _dev(x, dtype):

@@ -14,6 +14,7 @@
 Skipped only when CuPy or NVRTC cannot be imported.
 """
 import itertools
+import math
 import shutil
 import subprocess
 
@@ -70,6 +71,27 @@ def test_nvrtc_compiles_offline_for_other_gpus(arch):
         assert K.compile_offline(filename, arch)[:4] == b"\x7fELF", filename
 
 
+# spills tolerated (stack + spill stores + spill loads, bytes), by (arch, kernel): none. The dk/dv kernel's
+# 8-byte stack frame on sm_80 at 168 registers (review Appendix A) went with its grouped-query loop, which
+# ptxas fits in 163 registers on sm_80 and sm_90
+KNOWN_SPILL_BYTES: dict = {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvrtc_kernels_keep_everything_in_registers(filename, arch):
+    """ptxas' report through NVRTC (what a RawModule compiles): no kernel spills to local memory or keeps
+    a stack frame, and each fits its largest block in registers."""
+    usage = K.resource_usage(filename, arch)
+    assert {name.split("<")[0] for name in usage} == {e.split("<")[0] for e in K.NAME_EXPRESSIONS[filename]}
+    for name, u in usage.items():
+        spilled = u["stack"] + u["spill_stores"] + u["spill_loads"]
+        assert spilled <= KNOWN_SPILL_BYTES.get((arch, name), 0), f"{name} (sm_{arch}) spills: {u}"
+        threads = (32 * int(name.split("<")[1].split(",")[0]) if name.startswith("flash_attention_") and "<" in name
+                   else flash_attention.launch_shape("dkdv")[1] if "dkdv" in name else 1024)   # <WARPS, EXP2>
+        assert max_threads_per_block(u["registers"]) >= threads, f"{name} (sm_{arch}): {u['registers']} registers"
+
+
 def test_compile_offline_returns_the_cubin():
     assert K.compile_offline("residual.cu", 90)[:4] == b"\x7fELF"
 
@@ -102,9 +124,14 @@ def nvcc_every_instantiation(filename: str, tmp_path, *flags: str) -> subprocess
     return result
 
 
-# kernels written for one block size (their launchers always use it; __launch_bounds__ says so too)
-FIXED_BLOCKS = {f"flash_attention_{k}_kernel": flash_attention.THREADS
-                for k in ("forward", "backward_dkdv", "backward_dq")}
+def fixed_block(mangled: str) -> int:
+    """The block a kernel launches with at most: 1024, or for the tiled flash kernels, written for one
+    block size (__launch_bounds__ says so too), 32 x WARPS from the mangled <WARPS, EXP2, GQA> (ILi8ELb1ELb0E),
+    128 for dk/dv."""
+    import re
+    if m := re.search(r"flash_attention_\w+_kernelILi(\d+)E", mangled):
+        return 32 * int(m[1])
+    return flash_attention.launch_shape("dkdv")[1] if "flash_attention_backward_dkdv" in mangled else 1024
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -119,7 +146,7 @@ def test_nvcc_compiles_every_instantiation(filename, tmp_path):
     usage = parse_resource_usage(result.stdout + result.stderr)
     assert len(usage) == len(K.NAME_EXPRESSIONS[filename]), usage
     for kernel, u in usage.items():
-        threads = next((n for name, n in FIXED_BLOCKS.items() if name in kernel), 1024)
+        threads = fixed_block(kernel)
         assert max_threads_per_block(u["registers"]) >= threads, f"{kernel}: {u['registers']} registers"
         assert u["spill_stores"] == u["spill_loads"] == 0 and u["stack"] == 0, f"{kernel} spills: {u}"
         assert u["smem"] <= 48 * 1024, f"{kernel}: {u['smem']} bytes of static shared memory"
@@ -134,7 +161,11 @@ X128_KERNELS = {"encoder_forward_kernel", "encoder_backward_wpe_kernel", "encode
                 "gelu_forward_kernel", "gelu_backward_kernel", "residual_forward_kernel",
                 "softmax_forward128_kernel", "softmax_backward128_kernel", "fused_classifier_kernel",
                 "bias_backward_kernel", "flash_attention_forward_kernel",
-                "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"}
+                "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel",
+                "rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
+                "rope_kernel", "relu2_forward_kernel", "relu2_backward_kernel", "muon_copy_kernel", "qkv_pack_kernel",
+                "qkv_unpack_kernel",
+                "softcap_forward_kernel"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -164,13 +195,15 @@ def test_flash_attention_multiplies_on_tensor_cores(tmp_path):
     found = ptx_matches("flash_attention.cu", tmp_path,
                         r"(?<!w)(mma\.sync\.aligned\.m16n8k16\.row\.col\.[\w.]+|ldmatrix\.sync\.aligned\.[\w.]+)")
     ops = {kernel: [m.group(1) for m in matches] for kernel, matches in found.items()}
-    assert ops.pop("flash_attention_delta_kernel") == []
+    for plain in ("flash_attention_delta_kernel", "qkv_pack_kernel", "qkv_unpack_kernel"):
+        assert ops.pop(plain) == [], plain
     products = {"flash_attention_forward_kernel": 2, "flash_attention_backward_dkdv_kernel": 4,
                 "flash_attention_backward_dq_kernel": 3}      # per pair of tiles (the loops are unrolled)
-    for kernel, got in ops.items():
+    for kernel, got in ops.items():   # forward and dq: both instantiations (tile 64 and 128) under one name
         mmas = [op for op in got if op.startswith("mma")]
         assert set(mmas) == {"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}, kernel
-        assert len(mmas) == 32 * products[kernel], (kernel, len(mmas))
+        copies = 1 if "dkdv" in kernel else 2 * len(flash_attention.TILES)     # with and without GQA
+        assert len(mmas) == copies * 32 * products[kernel], (kernel, len(mmas))
         assert {op for op in got if op.startswith("ldmatrix")} == {
             "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"}, kernel
 
@@ -350,6 +383,106 @@ def test_elementwise_launchers(launches, dtype):
         gelu.gelu_forward(y, fake((3, 37), dtype, offset_bytes=2))
 
 
+def test_nanochat_launchers(launches):
+    from llmpy.gpu import relu2, rmsnorm, rope
+    B, T, H, D = 2, 5, 3, 64
+    q, rstd = fake((B, T, H, D), BF16), fake((B, T, H))
+    rmsnorm.rmsnorm_forward(q, rstd, q)                            # QK-norm, in place: 30 rows of D
+    assert launches[-1]["grid"] == (4,) and launches[-1]["args"][-2:] == (30, 64)
+    rmsnorm.rmsnorm_backward(q, q, q, rstd, accumulate=False)
+    assert launches[-1]["name"] == "rmsnorm_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == 0
+    rmsnorm.fused_residual_rmsnorm_forward(q, q, rstd, q, q)
+    with pytest.raises(ValueError, match=r"^rstd: shape \(2, 5\)"):
+        rmsnorm.rmsnorm_forward(q, fake((B, T)), q)
+    with pytest.raises(ValueError, match="^C = 36 must be a multiple of 8"):
+        rmsnorm.rmsnorm_forward(fake((2, 36), BF16), fake((2,)), fake((2, 36), BF16))
+
+    cos, sin = fake((8, D // 2)), fake((8, D // 2))
+    rope.rope_forward(q, q, cos, sin)
+    call = launches[-1]
+    assert call["grid"] == (1,) and call["args"][4] == np.float32(1.0) and call["args"][-4:] == (30, T, H, D)
+    rope.rope_backward(q, q, cos, sin, block_size=32)
+    assert launches[-1]["grid"] == (K.ceil_div(30 * 4, 32),) and launches[-1]["args"][4] == np.float32(-1.0)
+    with pytest.raises(ValueError, match="^D = 24 must be a multiple of 16"):
+        rope.rope_forward(fake((B, T, H, 24), BF16), fake((B, T, H, 24), BF16), fake((8, 12)), fake((8, 12)))
+    with pytest.raises(ValueError, match="^sin: 4 positions, the input has T = 5"):
+        rope.rope_forward(q, q, cos, fake((4, D // 2)))
+    with pytest.raises(ValueError, match=r"^cos: dtype bfloat16"):
+        rope.rope_forward(q, q, fake((8, D // 2), BF16), sin)
+
+    relu2.relu2_forward(q, q)
+    relu2.relu2_backward(q, q, q)
+    assert launches[-1]["name"] == "relu2_backward_kernel<__nv_bfloat16>" and launches[-1]["args"][-1] == q.size
+
+
+def test_gqa_attention_launchers(launches, monkeypatch):
+    import llmpy.gpu.matmul
+    from llmpy.gpu import attention
+    products = []
+    monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul",
+                        lambda out, a, b, **kw: products.append((out.shape, a.shape, b.shape, kw)))
+    B, T, NH, NKV, HS = 2, 40, 6, 2, 16
+    q, k, v, att = fake((B, T, NH, HS), BF16), fake((B, T, NKV, HS), BF16), fake((B, T, NKV, HS), BF16), \
+        fake((B, NH, T, T), BF16)
+    need = attention.gqa_workspace_size(B, T, NH, NKV, HS, BF16)
+    assert need == 2 * B * T * HS * (NH + NKV)
+    attention.gqa_attention_forward(fake(q.shape, BF16), att, q, k, v, workspace=fake((need,), BF16))
+    assert [c["name"].split("<")[0] for c in launches] == ["unpermute_backward_kernel"] * 3 + [
+        "softmax_forward128_kernel", "unpermute_kernel"]
+    assert [c["args"][-2] for c in launches if "permute" in c["name"]] == [NH, NKV, NKV, NH]
+    G = NH // NKV                                   # one product per (b, kv head) over its group's rows
+    assert products == [((B * NKV, G * T, T), (B * NKV, G * T, HS), (B * NKV, T, HS), dict(transa=False, transb=True)),
+                        ((B * NKV, G * T, HS), (B * NKV, G * T, T), (B * NKV, T, HS), dict(transa=False, transb=False))]
+    products.clear()
+    need = attention.gqa_workspace_size(B, T, NH, NKV, HS, BF16, backward=True)
+    attention.gqa_attention_backward(fake(q.shape, BF16), fake(k.shape, BF16), fake(v.shape, BF16), att, q, q, k, v,
+                                     att, workspace=fake((need,), BF16))
+    assert products[1][:3] == ((B * NKV, T, HS), (B * NKV, G * T, T), (B * NKV, G * T, HS))   # dv = att^T dy
+    with pytest.raises(ValueError, match="^k: 4 kv heads must divide the 6 query heads"):
+        attention.gqa_attention_forward(fake(q.shape, BF16), att, q, fake((B, T, 4, HS), BF16),
+                                        fake((B, T, 4, HS), BF16), workspace=fake((need,), BF16))
+    with pytest.raises(ValueError, match="^workspace: 8 elements, need"):
+        attention.gqa_attention_forward(fake(q.shape, BF16), att, q, k, v, workspace=fake((8,), BF16))
+
+
+def test_muon_launchers(launches, monkeypatch):
+    import llmpy.gpu.matmul
+    from llmpy.gpu import muon
+    products = []
+    monkeypatch.setattr(llmpy.gpu.matmul, "batched_matmul",
+                        lambda out, a, b, **kw: products.append((out.shape, a.shape, b.shape, kw)))
+    L, rows, cols = 3, 40, 96
+    param, grad, buf = fake((L, rows, cols), BF16), fake((L, rows, cols), BF16), fake((L, rows, cols))
+    need = muon.workspace_size(param.shape)
+    assert need == L * rows * cols + 2 * L * rows * rows + L * rows * cols
+    assert muon.scratch_size(param.shape) == L * 15                     # 3840 elements / 256 per block
+    muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((need,), BF16), scratch=fake((L * 15,)))
+    names = [c["name"] for c in launches]
+    assert names[:2] == ["muon_momentum_kernel<__nv_bfloat16>", "muon_normalize_kernel"]
+    assert names[2:-1] == ["muon_copy_kernel"] * 10 and names[-1] == "muon_apply_kernel<__nv_bfloat16>"
+    assert launches[0]["grid"] == (15, L) and launches[-1]["grid"] == (K.ceil_div(rows * cols, 512), L)
+    assert launches[-1]["args"][5] == np.float32(1.0)                    # wide: step scale 1
+    a, b, c = muon.NS_COEFFS
+    assert len(products) == 15 and products[:3] == [
+        ((L, rows, rows), (L, rows, cols), (L, rows, cols), dict(transa=False, transb=True)),
+        ((L, rows, rows), (L, rows, rows), (L, rows, rows), dict(transa=False, transb=False, alpha=c, beta=b)),
+        ((L, rows, cols), (L, rows, rows), (L, rows, cols), dict(transa=False, transb=False, alpha=1.0, beta=a))]
+    launches.clear()
+    products.clear()
+    tall = fake((cols, rows), np.float32)                                # tall: Gram matrix X^T X
+    muon.muon_update(tall, fake((cols, rows)), tall, lr=0.02, workspace=fake((muon.workspace_size(tall.shape),), BF16),
+                     scratch=fake((muon.scratch_size(tall.shape),)))
+    assert products[0] == ((1, rows, rows), (1, cols, rows), (1, cols, rows), dict(transa=True, transb=False))
+    assert products[2][1:3] == ((1, cols, rows), (1, rows, rows))      # X B
+    assert launches[-1]["args"][5] == np.float32(math.sqrt(cols / rows))
+    with pytest.raises(ValueError, match="^workspace: 8 bfloat16 elements, need"):
+        muon.muon_update(param, buf, grad, lr=0.02, workspace=fake((8,), BF16), scratch=fake((L * 15,)))
+    with pytest.raises(ValueError, match="^momentum: dtype bfloat16"):
+        muon.muon_update(param, grad, grad, lr=0.02)
+    with pytest.raises(ValueError, match=r"^param: shape \(7,\), expected \(..., rows, cols\)"):
+        muon.muon_update(fake((7,)), fake((7,)), fake((7,)), lr=0.02)
+
+
 def test_encoder_launchers(launches, monkeypatch):
     from llmpy.gpu import encoder
     B, T, C, Vp, maxT = 2, 5, 24, 40, 8
@@ -418,9 +551,13 @@ def test_layernorm_launchers(launches):
     ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean, rstd,
                           scratch=fake((need,)))
     main, fold = launches[-2:]
-    assert main["grid"] == (3,) and main["shared_mem"] == 2 * C * 4
+    assert main["grid"] == (3,) and main["shared_mem"] == 8 * 2 * C * 4      # per warp: dweight, dbias
     assert fold["grid"] == (K.ceil_div(2 * C, 32),) and fold["block"] == (32, ln.FOLD_WARPS)
     assert fold["args"][-2:] == (3, C)
+    with pytest.raises(ValueError, match="^C = 8192: the backward keeps 8 warps x 2C fp32 sums"):   # 512 KiB
+        big = fake((2, 8192), BF16)
+        ln.layernorm_backward(big, fake((8192,), BF16), fake((8192,), BF16), big, big, fake((8192,), BF16),
+                              fake((2,)), fake((2,)))
     with pytest.raises(ValueError, match="^scratch: 10 float32 elements, need 240"):
         ln.layernorm_backward(fake((B, T, C), BF16), fake((C,), BF16), fake((C,), BF16), out, x, w, mean,
                               rstd, scratch=fake((10,)))
@@ -454,6 +591,18 @@ def test_attention_launchers(launches, monkeypatch):
     assert products == [((B * NH, T, T), (B * NH, T, HS), (B * NH, T, HS), dict(transa=False, transb=True)),
                         ((B * NH, T, HS), (B * NH, T, T), (B * NH, T, HS), dict(transa=False, transb=False))]
     assert launches[0]["grid"] == (K.ceil_div(B * T * C, 256),)
+    assert softmax["args"][0] is softmax["args"][1] is att and softmax["args"][-1] == np.int32(1)  # zeros too
+
+    # with a preatt scratch, q k^T lands there and the softmax writes only att's causal part
+    launches.clear()
+    products.clear()
+    preatt = fake(att.shape, BF16)
+    attention.attention_forward(out, qkvr, att, inp, preatt=preatt)
+    softmax = launches[1]
+    assert softmax["args"][0] is att and softmax["args"][1] is preatt and softmax["args"][-1] == np.int32(0)
+    assert products[0][0] == (B * NH, T, T)
+    with pytest.raises(ValueError, match=r"^preatt: shape \(2, 3, 40, 39\)"):
+        attention.attention_forward(out, qkvr, att, inp, preatt=fake((B, NH, T, T - 1), BF16))
 
     launches.clear()
     products.clear()
@@ -485,9 +634,11 @@ def test_flash_attention_launchers(launches):
     qkv, out, lse = fake((B, T, 3 * C), BF16), fake((B, T, C), BF16), fake((B, NH, T))
     fa.flash_attention_forward(out, lse, qkv)
     (fwd,) = launches
-    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel", (2, B * NH), (128,))
+    assert (fwd["name"], fwd["grid"], fwd["block"]) == ("flash_attention_forward_kernel<4, false, false>", (2, B * NH),
+                                                        (128,))
     assert fwd["shared_mem"] == 5 * 64 * 72 * 2 == 46080        # Q, and K and V twice (double buffered)
-    assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 3 + [np.float32] and fwd["args"][6] == np.float32(0.125)
+    assert [a.dtype for a in fwd["args"][3:]] == [np.int32] * 4 + [np.float32] and fwd["args"][7] == np.float32(0.125)
+    assert fwd["args"][5:7] == (NH, NH)                           # GPT-2: as many kv heads as query heads
 
     launches.clear()
     dqkv, dout, delta = fake(qkv.shape, BF16), fake(out.shape, BF16), fake(lse.shape)
@@ -495,8 +646,42 @@ def test_flash_attention_launchers(launches):
     assert [(c["name"], c["grid"], c["shared_mem"]) for c in launches] == [
         ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), 0),
         ("flash_attention_backward_dkdv_kernel", (2, B * NH), 6 * 64 * 72 * 2 + 4 * 64 * 4),   # + lse, delta x2
-        ("flash_attention_backward_dq_kernel", (2, B * NH), 6 * 64 * 72 * 2)]
+        ("flash_attention_backward_dq_kernel<4, false, false>", (2, B * NH), 6 * 64 * 72 * 2)]
     assert all(c["shared_mem"] <= 227 * 1024 for c in launches)        # what an sm_90 block may opt into
+
+    # tile=128: 8 warps own 128 query rows (one block for T = 100); the walked tiles and dk/dv stay 64 rows
+    launches.clear()
+    fa.flash_attention_forward(out, lse, qkv, tile=128)
+    fa.flash_attention_backward(dqkv, delta, dout, qkv, out, lse, tile=128)
+    assert [(c["name"], c["grid"], c["block"], c["shared_mem"]) for c in launches] == [
+        ("flash_attention_forward_kernel<8, true, false>", (1, B * NH), (256,), 6 * 64 * 72 * 2),     # Q Q | K K | V V
+        ("flash_attention_delta_kernel", (K.ceil_div(B * T * NH, 256),), (256,), 0),
+        ("flash_attention_backward_dkdv_kernel", (2, B * NH), (128,), 6 * 64 * 72 * 2 + 4 * 64 * 4),
+        ("flash_attention_backward_dq_kernel<8, true, false>", (1, B * NH), (256,), 8 * 64 * 72 * 2)]
+    with pytest.raises(ValueError, match=r"^tile: 32, expected one of \[64, 128\]"):
+        fa.flash_attention_forward(out, lse, qkv, tile=32)
+
+    # grouped-query (NKV = 1 of NH = 2): packed rows of (2 + 2) heads; dk/dv blocks per (b, kv head)
+    launches.clear()
+    gqkv = fake((B, T, 4 * 64), BF16)
+    fa.flash_attention_forward(out, lse, gqkv, n_kv_head=1)
+    fa.flash_attention_backward(fake(gqkv.shape, BF16), delta, dout, gqkv, out, lse, n_kv_head=1)
+    assert [(c["name"], c["grid"], c["args"][-2]) for c in launches[::2]] == [
+        ("flash_attention_forward_kernel<4, false, true>", (2, B * NH), 1),
+        ("flash_attention_backward_dkdv_kernel", (2, B), 1)]
+    assert launches[-1]["grid"] == (2, B * NH)
+    with pytest.raises(ValueError, match=r"^n_kv_head = 3 must divide the 2 heads"):
+        fa.flash_attention_forward(out, lse, gqkv, n_kv_head=3)
+    with pytest.raises(ValueError, match=r"^inp: shape \(3, 100, 384\) with 2 heads .* and 1 kv heads"):
+        fa.flash_attention_forward(out, lse, qkv, n_kv_head=1)
+    launches.clear()
+    q, kv = fake((B, T, NH, 64), BF16), fake((B, T, 1, 64), BF16)
+    fa.gqa_flash_attention_backward(fake(q.shape, BF16), fake(kv.shape, BF16), fake(kv.shape, BF16), delta, q, q,
+                                    kv, kv, q, lse, workspace=fake((2 * B * T * 4 * 64,), BF16))
+    assert [c["name"].split("<")[0] for c in launches] == [
+        "qkv_pack_kernel", "flash_attention_delta_kernel", "flash_attention_backward_dkdv_kernel",
+        "flash_attention_backward_dq_kernel", "qkv_unpack_kernel"]
+    assert launches[0]["args"][-3:] == (B * T, NH * 64, 64)
 
     assert fa.supports(BF16, 64) and not fa.supports(np.float32, 64) and not fa.supports(BF16, 32)
     with pytest.raises(ValueError, match=r"^inp: dtype float32, expected bfloat16"):
@@ -518,7 +703,12 @@ def test_classifier_launcher(launches):
     classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57)
     call = launches[-1]
     assert call["grid"] == (6,) and call["block"] == (1024,)
-    assert call["args"][4].dtype == np.float32 and call["args"][-3:] == (6, 57, 64)
+    assert call["args"][4].dtype == np.float32 and call["args"][-4:] == (6, 57, 64, 0.0)
+    assert call["args"][-1].dtype == np.float32                         # softcap, off
+    classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57, softcap=15)
+    assert launches[-1]["args"][-1] == np.float32(15.0) and launches[-1]["args"][-1].dtype == np.float32
+    with pytest.raises(ValueError, match="softcap = -1"):
+        classifier.fused_classifier(logits, losses, logits, targets, 1 / 6, 57, softcap=-1)
     classifier.fused_classifier(None, losses, logits, targets, 1.0, 64)
     assert launches[-1]["args"][0] is K.NULL
     with pytest.raises(ValueError, match="V = 65"):

@@ -7,6 +7,7 @@ in a subprocess, as a user would run it, with one BLAS thread (multi-threaded BL
 machine is erratic and slow).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 FAMILIES = ("encoder", "layernorm", "fused_residual", "residual", "matmul", "attention", "gelu",
-            "classifier", "adamw", "global_norm")
+            "classifier", "adamw", "global_norm", "rmsnorm", "rope", "relu2", "muon")
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> str:
@@ -124,3 +125,110 @@ def test_gpu_check_records_each_step_and_refuses_bad_input(tmp_path):
     assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
     proc = _gpu_check(tmp_path, "--only", "tests", gpu_name=None)
     assert proc.returncode == 2 and "no NVIDIA GPU" in proc.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# scripts/first_contact.py (gpu_check.sh --first-contact): the plumbing, with stand-in steps
+
+
+def _fake_wheel(folder: Path, package: str) -> Path:
+    """A minimal pure-Python wheel providing package.bindings.cublasLt (nvmath-python's module path)."""
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{package}-0.1-py3-none-any.whl"
+    info = f"{package}-0.1.dist-info"
+    files = {f"{package}/__init__.py": "", f"{package}/bindings/__init__.py": "",
+             f"{package}/bindings/cublasLt.py": "VERSION = 1\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def _first_contact(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "first_contact.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_first_contact_plan_fits_nine_minutes():
+    proc = _first_contact("--plan")
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split()[1] for line in proc.stdout.splitlines() if line[:2].strip().isdigit()]
+    assert steps == ["wheels", "env", "gates", "engine", "ops_first", "bench", "ops"]   # review §3.3's order
+    sys.path.insert(0, str(SCRIPTS))
+    import first_contact
+    plan = first_contact.plan(Path("work"))
+    assert sum(s.cap for s in plan if s.when == "always") <= first_contact.BUDGET_S == 540
+    assert "= 540 s <= 540 s" in proc.stdout
+    bench = next(s for s in plan if s.name == "bench").command
+    assert bench[bench.index("-B") + 1] == "64" and bench[bench.index("-T") + 1] == "1024"
+    gpu_check = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--first-contact", "--plan"], cwd=REPO,
+                               env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                               timeout=60)
+    assert gpu_check.returncode == 0 and gpu_check.stdout == proc.stdout
+
+
+def test_first_contact_dry_run_installs_wheels_enforces_caps_and_writes_the_summary(tmp_path):
+    """The whole mode on the CPU: the carried wheel is installed and imported for real, each step's command
+    is a stand-in; the engine's stand-in overruns its 2-second cap and is recorded as timed out, which
+    brings the per-op tests forward (ops_first) and leaves ops out. Results: at most 6 files."""
+    wheels, out = tmp_path / "whl", tmp_path / "out"
+    _fake_wheel(wheels, "fake_nvmath")
+    proc = _first_contact("--dry-run", "--out", str(out), "--wheels", str(wheels), "--site", str(tmp_path / "site"),
+                          "--require", "fake_nvmath.bindings.cublasLt", "--cap", "engine=2",
+                          "--stand-in-sleep", "engine=30")
+    assert proc.returncode == 1, proc.stdout + proc.stderr           # a step timed out
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert list(steps) == ["wheels", "env", "gates", "engine", "ops_first", "bench", "ops"]
+    assert summary["nvmath"]["imports"] and "fake_nvmath-0.1-py3-none-any.whl" in summary["nvmath"]["detail"]
+    assert (tmp_path / "site" / "fake_nvmath" / "bindings" / "cublasLt.py").is_file()
+    engine = steps["engine"]
+    assert engine["status"] == "timeout" and engine["exit"] in (124, 137) and 2 <= engine["seconds"] < 20
+    assert engine["cap_s"] == engine["limit_s"] == 2
+    assert [steps[n]["status"] for n in ("env", "gates", "ops_first", "bench")] == ["passed"] * 4
+    assert steps["ops"]["status"] == "not run" and steps["ops"]["reason"] == "ops_first ran"
+    assert steps["gates"]["tests"]["tests"] == 1 and steps["gates"]["limit_s"] == 90
+    assert summary["tok_per_s"] == {"llmpy": 1000, "llmpy_flash": 2000, "torch": 3000}
+    assert summary["dry_run"] and summary["commit"] and summary["date"] and "--dry-run" in summary["command"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(summary["files"])
+    assert len(summary["files"]) <= 6 and set(summary["files"]) >= {"summary.json", "log.txt", "tests.xml"}
+    log = (out / "log.txt").read_text()
+    assert "dry run: gates would run: " in log and "tests/test_cuda_emu.py" in log
+    import xml.etree.ElementTree as ET
+    suites = [s.get("name") for s in ET.parse(out / "tests.xml").getroot()]
+    assert suites == ["gates", "ops_first"]                        # the timed-out engine wrote none
+
+
+def test_first_contact_stops_loudly_without_nvmath(tmp_path):
+    wheels, out = tmp_path / "whl", tmp_path / "out"
+    _fake_wheel(wheels, "not_nvmath")                              # installs, but is not the module
+    proc = _first_contact("--dry-run", "--out", str(out), "--wheels", str(wheels), "--site", str(tmp_path / "site"),
+                          "--require", "fake_nvmath.bindings.cublasLt")
+    assert proc.returncode == 2 and "fake_nvmath.bindings.cublasLt does not import" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["nvmath"]["imports"] and summary["error"].startswith("stopped:")
+    assert [s["status"] for s in summary["steps"]] == ["failed"] + ["not run"] * 6
+    proc = _first_contact("--cap", "bogus=3")
+    assert proc.returncode == 2 and "--cap bogus=3: expected STEP=SECONDS" in proc.stderr
+
+
+def test_bench_speed_to_loss_quick(tmp_path):
+    run_script("bench_speed_to_loss.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "speed_to_loss.json").read_text())
+    runs, meta = result["runs"], result["meta"]
+    assert set(runs) == {"nanochat-adamw", "nanochat-muon", "gpt2"}
+    for name, r in runs.items():
+        steps = [s for s, _ in r["val"]]
+        assert steps == list(range(0, meta["steps"] + 1, 3)), name
+        assert r["val"][-1][1] < r["val"][0][1], f"{name}: val loss must fall"
+    # nanochat's lm_head starts at std 0.001: its first val loss is that of uniform logits, ln V
+    assert abs(runs["nanochat-muon"]["val"][0][1] - math.log(meta["vocab"])) < 0.01
+    assert runs["nanochat-adamw"]["val"][0] == runs["nanochat-muon"]["val"][0]      # same model, same data
+    params = meta["params"]
+    assert abs(params["gpt2"] - params["nanochat-adamw"]) < 0.3 * params["nanochat-adamw"]
+    assert set(result["step_time_interleaved"]) == {"nanochat", "nanochat-muon", "gpt2"}
+    assert (tmp_path / "speed_to_loss.png").stat().st_size > 10_000

@@ -57,14 +57,23 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "layernorm.cu": _each_dtype("layernorm_forward_kernel", "fused_residual_forward_kernel",
                                 "layernorm_backward_kernel", "layernorm_backward_fold_kernel"),
     "gelu.cu": _each_dtype("gelu_forward_kernel", "gelu_backward_kernel"),
+    "rmsnorm.cu": _each_dtype("rmsnorm_forward_kernel", "fused_residual_rmsnorm_forward_kernel",
+                              "rmsnorm_backward_kernel"),
+    "rope.cu": _each_dtype("rope_kernel"),
+    "relu2.cu": _each_dtype("relu2_forward_kernel", "relu2_backward_kernel"),
+    "muon.cu": _each_dtype("muon_momentum_kernel", "muon_apply_kernel") + ("muon_normalize_kernel",
+                                                                           "muon_copy_kernel"),
     "residual.cu": _each_dtype("residual_forward_kernel"),
     "attention.cu": _each_dtype("permute_kernel", "unpermute_kernel", "softmax_forward_kernel",
                                 "softmax_backward_kernel", "softmax_forward128_kernel",
                                 "softmax_backward128_kernel", "unpermute_backward_kernel",
                                 "permute_backward_kernel"),
-    "flash_attention.cu": ("flash_attention_forward_kernel", "flash_attention_delta_kernel",
-                           "flash_attention_backward_dkdv_kernel", "flash_attention_backward_dq_kernel"),
-    "classifier.cu": _each_dtype("fused_classifier_kernel"),
+    "flash_attention.cu": ("flash_attention_delta_kernel", "flash_attention_backward_dkdv_kernel",
+                           "qkv_pack_kernel", "qkv_unpack_kernel") + tuple(
+        f"flash_attention_{k}_kernel<{variant}>" for k in ("forward", "backward_dq")
+        for variant in ("4, false, false", "8, true, false", "4, false, true", "8, true, true")),
+    # <WARPS, EXP2, GQA>: llmpy/gpu/flash_attention.py's TILES, and grouped-query attention or not
+    "classifier.cu": _each_dtype("fused_classifier_kernel", "softcap_forward_kernel"),
     "adamw.cu": _each_dtype("adamw_kernel", "init_from_master_kernel"),
     "global_norm.cu": _each_dtype("global_norm_squared_kernel") + ("global_norm_finish_kernel",),
     "bias.cu": _each_dtype("bias_backward_kernel", "bias_backward_fold_kernel"),
@@ -146,10 +155,11 @@ def nvrtc_options(arch: int | str) -> tuple[str, ...]:
         "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
 
 
-def compile_offline_with_names(filename: str, arch: int | str,
-                               name_expressions: tuple[str, ...] | None = None) -> tuple[bytes, dict]:
+def compile_offline_with_names(filename: str, arch: int | str, name_expressions: tuple[str, ...] | None = None,
+                               *, extra_options: tuple[str, ...] = (), log: list | None = None) -> tuple[bytes, dict]:
     """Compile cuda/<filename> for sm_<arch> without a GPU or driver. Returns (cubin, lowered) where
-    lowered maps each name expression to its mangled symbol. Raises RuntimeError with NVRTC's log."""
+    lowered maps each name expression to its mangled symbol. Raises RuntimeError with NVRTC's log;
+    `log`, a list, gets the log of a compile that succeeded (ptxas' report with --ptxas-options=-v)."""
     from cupy_backends.cuda.libs import nvrtc
     exprs = NAME_EXPRESSIONS[filename] if name_expressions is None else tuple(name_expressions)
     path = CUDA_DIR / filename
@@ -158,14 +168,33 @@ def compile_offline_with_names(filename: str, arch: int | str,
         for e in exprs:
             nvrtc.addNameExpression(prog, e)
         try:
-            nvrtc.compileProgram(prog, list(nvrtc_options(arch)))
+            nvrtc.compileProgram(prog, list(nvrtc_options(arch)) + list(extra_options))
         except nvrtc.NVRTCError as err:
             raise RuntimeError(f"NVRTC failed on {filename} (sm_{arch}):\n"
                                f"{nvrtc.getProgramLog(prog)}") from err
+        if log is not None:
+            log.append(nvrtc.getProgramLog(prog))
         lowered = {e: nvrtc.getLoweredName(prog, e) for e in exprs}
         return nvrtc.getCUBIN(prog), lowered
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def resource_usage(filename: str, arch: int | str) -> dict[str, dict[str, int]]:
+    """{name expression (or kernel name): registers, stack, spill_stores, spill_loads} of every kernel in
+    cuda/<filename> for sm_<arch>, from ptxas' report through NVRTC (no GPU needed). Kernels that are
+    not templates are compiled whether listed or not, and appear under their own names."""
+    import re
+    log: list[str] = []
+    _, lowered = compile_offline_with_names(filename, arch, extra_options=("--ptxas-options=-v",), log=log)
+    by_symbol = {symbol: expr for expr, symbol in lowered.items()}
+    usage = {}
+    for m in re.finditer(r"Function properties for (\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads\n.*?Used (\d+) registers", log[0], re.S):
+        name = by_symbol.get(m[1]) or re.sub(r"^_Z\d+", "", m[1]).split("P", 1)[0]
+        usage[name] = {"registers": int(m[5]), "stack": int(m[2]), "spill_stores": int(m[3]),
+                       "spill_loads": int(m[4])}
+    return usage
 
 
 def compile_offline(filename: str, arch: int | str) -> bytes:

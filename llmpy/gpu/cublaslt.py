@@ -12,6 +12,7 @@ The first half (plans, enum values, cache keys) is pure Python and imports witho
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,15 @@ OP_N, OP_T = 0, 1
 EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU = 160, 164, 192
 AUX_EPILOGUES = (EPILOGUE_GELU_AUX, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU)  # these read/write aux
+REDUCTION_SCHEME_INPLACE, REDUCTION_SCHEME_ALL = 1, 7   # cublasLtReductionScheme_t bits (NONE is 0)
+
+# CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: the split-K reductions the heuristic may choose. Algorithms
+# without one (scheme NONE) always qualify; of the rest only INPLACE, which adds the parts up in the
+# output buffer in the sequence its workspace counters enforce. The out-of-place schemes reduce in a
+# separate step that nothing documented ties to one order, and a graph replay must give eager's bits
+# (test_graph_replay_matches_eager_bitwise; review WRONG-2c). If a shape has no algorithm under the mask,
+# the heuristic runs again without it and a warning names the shape.
+REDUCTION_SCHEMES = REDUCTION_SCHEME_INPLACE
 
 # dtype name -> (cudaDataType, bytes per element). bf16 is ml_dtypes.bfloat16 (its numpy name).
 _DATA_TYPES = {"float32": (CUDA_R_32F, 4), "bfloat16": (CUDA_R_16BF, 2), "float16": (CUDA_R_16F, 2)}
@@ -167,19 +177,26 @@ class _Entry:
         if self.epilogue in AUX_EPILOGUES:
             self._set_desc(self.lt.MatmulDescAttribute.EPILOGUE_AUX_POINTER, aux)
 
-    def find_algorithm(self, handle: int, workspace_bytes: int, alignments: tuple[int, int, int]) -> bool:
-        """Run the heuristic once and keep its first (best) algorithm, as llm.c does; False if none."""
+    def preference(self, workspace_bytes: int, alignments: tuple[int, int, int], reductions: int) -> int:
+        """A new matmul preference (the caller destroys it): the workspace limit, the buffers' true
+        alignments (cuBLASLt assumes 256 bytes otherwise) and the allowed split-K reduction schemes."""
         lt = self.lt
         pref = lt.matmul_preference_create()
+        pattr, set_pref = lt.MatmulPreferenceAttribute, lt.matmul_preference_set_attribute
+        dtype_of = lt.get_matmul_preference_attribute_dtype
+        align_a, align_b, align_d = alignments
+        for attr, value in ((pattr.MAX_WORKSPACE_BYTES, workspace_bytes), (pattr.REDUCTION_SCHEME_MASK, reductions),
+                            (pattr.MIN_ALIGNMENT_A_BYTES, align_a), (pattr.MIN_ALIGNMENT_B_BYTES, align_b),
+                            (pattr.MIN_ALIGNMENT_C_BYTES, align_d), (pattr.MIN_ALIGNMENT_D_BYTES, align_d)):
+            _set_attr(set_pref, dtype_of, pref, attr, value)
+        return pref
+
+    def find_algorithm(self, handle: int, workspace_bytes: int, alignments: tuple[int, int, int],
+                       reductions: int = REDUCTION_SCHEMES) -> bool:
+        """Run the heuristic once and keep its first (best) algorithm, as llm.c does; False if none."""
+        lt = self.lt
+        pref = self.preference(workspace_bytes, alignments, reductions)
         try:
-            pattr, set_pref = lt.MatmulPreferenceAttribute, lt.matmul_preference_set_attribute
-            dtype_of = lt.get_matmul_preference_attribute_dtype
-            _set_attr(set_pref, dtype_of, pref, pattr.MAX_WORKSPACE_BYTES, workspace_bytes)
-            # Tell the heuristic how aligned the buffers really are (default assumption: 256 bytes).
-            align_a, align_b, align_d = alignments
-            for attr, value in ((pattr.MIN_ALIGNMENT_A_BYTES, align_a), (pattr.MIN_ALIGNMENT_B_BYTES, align_b),
-                                (pattr.MIN_ALIGNMENT_C_BYTES, align_d), (pattr.MIN_ALIGNMENT_D_BYTES, align_d)):
-                _set_attr(set_pref, dtype_of, pref, attr, value)
             count = np.zeros(1, dtype=np.int32)
             lt.matmul_algo_get_heuristic(handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
                                          self.d_layout, pref, 1, self.heuristic.ptr, count.ctypes.data)
@@ -256,7 +273,14 @@ class CublasLt:
         entry = _Entry(self._lt, plan, data_type, compute, epilogue, has_bias)
         try:
             entry.set_pointers(bias, aux)
-            if not entry.find_algorithm(self.handle, self._ws_bytes, alignments):
+            found = entry.find_algorithm(self.handle, self._ws_bytes, alignments)
+            if not found and REDUCTION_SCHEMES != REDUCTION_SCHEME_ALL:
+                found = entry.find_algorithm(self.handle, self._ws_bytes, alignments, REDUCTION_SCHEME_ALL)
+                if found:
+                    warnings.warn(f"cuBLASLt: no algorithm for {plan} with split-K reductions limited to mask "
+                                  f"{REDUCTION_SCHEMES}; using one with any reduction (its graph replay may "
+                                  "not match eager bit for bit)", RuntimeWarning, stacklevel=3)
+            if not found:
                 raise RuntimeError(f"cuBLASLt found no algorithm for {plan}, cudaDataType {data_type}, "
                                    f"epilogue {epilogue}, alignments {alignments}")
         except BaseException:

@@ -21,13 +21,17 @@ def _check_sizes(dtype, C: int):
 
 def _check_args(inp, act, table, pos):
     """Shared checks of the forward and backward: inp (B, T) int32, act (B, T, C), table (rows, C) and
-    pos (maxT, C) of one float dtype with T <= maxT. Each is a (name, array) pair. Returns B, T, C, dtype."""
+    pos (maxT, C) of one float dtype with T <= maxT, or pos None (no position embedding). Each is a
+    (name, array) pair. Returns B, T, C, dtype."""
     K.check("inp", inp, dtype=np.int32, ndim=2)
     B, T = inp.shape
-    dtype = K.check_floats(**dict((act, table, pos)))
+    dtype = K.check_floats(**dict((act, table) if pos[1] is None else (act, table, pos)))
     C = table[1].shape[-1]
     K.check(act[0], act[1], shape=(B, T, C))
     K.check(table[0], table[1], shape=(None, C))
+    if pos[1] is None:
+        _check_sizes(dtype, C)
+        return B, T, C, dtype
     K.check(pos[0], pos[1], shape=(None, C))
     if T > pos[1].shape[0]:
         raise ValueError(f"inp: T = {T} exceeds {pos[0]}'s {pos[1].shape[0]} positions")
@@ -39,14 +43,14 @@ def encoder_forward(out, inp, wte, wpe, *, block_size=BLOCK_SIZE):
     """out[b, t] = wte[inp[b, t]] + wpe[t].
 
     out (B, T, C); inp (B, T) int32 token ids in [0, Vp) (not checked: that would need a device sync);
-    wte (Vp, C); wpe (maxT, C) with T <= maxT. One float dtype, C a multiple of 8 (bf16) / 4 (float32).
-    Overwrites out.
+    wte (Vp, C); wpe (maxT, C) with T <= maxT, or None (no position embedding: nanochat's rotary
+    model). One float dtype, C a multiple of 8 (bf16) / 4 (float32). Overwrites out.
     """
     B, T, C, dtype = _check_args(inp, ("out", out), ("wte", wte), ("wpe", wpe))
     block_size = K.check_block_size(block_size)
     K.launch("encoder.cu", K.template_name("encoder_forward_kernel", dtype),
              K.elementwise_grid(B * T * C, dtype, block_size), (block_size,),
-             (out, inp, wte, wpe, K.i32(B * T), K.i32(T), K.i32(C)))
+             (out, inp, wte, K.nullable(wpe), K.i32(B * T), K.i32(T), K.i32(C)))
 
 
 def wte_buckets(tokens: np.ndarray, vocab_rows: int) -> tuple[np.ndarray, int]:
@@ -96,7 +100,7 @@ def encoder_backward(dwte, dwpe, dout, inp, *, seed=0, inp_host=None, workspace=
                      block_size=BLOCK_SIZE, wte_warps=WTE_WARPS):
     """Scatter dout back into the embedding gradients.
 
-    dwte (Vp, C); dwpe (maxT, C); dout (B, T, C); inp (B, T) int32. ACCUMULATES: dwte[inp[b, t]] +=
+    dwte (Vp, C); dwpe (maxT, C) or None; dout (B, T, C); inp (B, T) int32. ACCUMULATES: dwte[inp[b, t]] +=
     dout[b, t] and dwpe[t] += sum_b dout[b, t], in fixed orders (bit-reproducible). bf16 results are
     rounded stochastically with `seed` (one uint32 per backward, llm.c's per-micro-step draw).
     inp_host: the tokens as a NumPy array, if the caller has them (else inp is copied to the host,
@@ -117,9 +121,10 @@ def encoder_backward(dwte, dwpe, dout, inp, *, seed=0, inp_host=None, workspace=
     dev_buckets = _upload(buckets, workspace)
 
     seed = K.u32(seed)
-    K.launch("encoder.cu", K.template_name("encoder_backward_wpe_kernel", dtype),
-             K.elementwise_grid(T * C, dtype, block_size), (block_size,),
-             (dwpe, dout, K.i32(B), K.i32(T), K.i32(C), seed))
+    if dwpe is not None:
+        K.launch("encoder.cu", K.template_name("encoder_backward_wpe_kernel", dtype),
+                 K.elementwise_grid(T * C, dtype, block_size), (block_size,),
+                 (dwpe, dout, K.i32(B), K.i32(T), K.i32(C), seed))
     K.launch("encoder.cu", K.template_name("encoder_backward_wte_kernel", dtype),
              wte_grid(num_buckets, C, dtype), (32, wte_warps),
              (dwte, dout, dev_buckets, K.i32(num_buckets), K.i32(C), seed))

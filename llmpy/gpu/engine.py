@@ -103,7 +103,7 @@ def engine_options(cfg, sm: int = 90) -> dict:
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
                 cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= AMPERE_SM,
-                flash_attention=bool(cfg.flash_attention), optimizer_state=cfg.zero_stage != 1)
+                flash_attention=int(cfg.flash_attention), optimizer_state=cfg.zero_stage != 1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -152,8 +152,9 @@ class _ArenaOps:
     its launcher groups token ids on the host and its seed changes every micro-step, and a graph
     would freeze both."""
 
-    def __init__(self, ops, buffers: dict, train_rows: tuple[int, int], *, capture=False):
+    def __init__(self, ops, buffers: dict, train_rows: tuple[int, int], *, capture=False, flash_tile=64):
         self.base, self.buffers, self.train_rows, self.capture = ops, buffers, train_rows, capture
+        self.flash_tile = flash_tile   # the fused attention's query rows per block (--flash-attention 2: 128)
         self.inp_host = None   # the NumPy tokens last staged into buffers['inp'], if they came from the host
 
     def __getattr__(self, name):
@@ -174,6 +175,19 @@ class _ArenaOps:
             matmul_bias_backward(dbias, dout, scratch=self.buffers["bias_scratch"])
             dbias = None
         self.base.matmul_backward(dinp, dweight, dbias, dout, inp, weight, **kw)
+
+    def attention_forward(self, out, qkvr, att, inp, **kw):
+        # q k^T into the backward's datt, free during the forward, so that the softmax writes only att's
+        # causal part: the arena zeroed the upper triangle once and nothing else writes it (SLOW-3)
+        if self._train(inp) and "preatt" in self.buffers:
+            kw.setdefault("preatt", self.buffers["preatt"])
+        self.base.attention_forward(out, qkvr, att, inp, **kw)
+
+    def flash_attention_forward(self, out, lse, inp):
+        self.base.flash_attention_forward(out, lse, inp, tile=self.flash_tile)
+
+    def flash_attention_backward(self, dinp, delta, dout, inp, out, lse):
+        self.base.flash_attention_backward(dinp, delta, dout, inp, out, lse, tile=self.flash_tile)
 
     def global_norm_squared(self, out, grad):
         self.base.global_norm_squared(out, grad, scratch=self.buffers["norm_scratch"])
@@ -208,8 +222,9 @@ class GPUGPT(GPT):
     dtype 'bf16' (params, grads, activations; fp32 m, v and master) or 'fp32'. batch_size/seq_len: the
     training shape the arena is planned for. params: host float32 (N,) or None (zeros). recompute and
     gelu_fusion take effect when model.py provides the hooks (GPT.recompute_gelu / GPT.gelu_fusion).
-    flash_attention: the fused attention kernels (bf16 with head size 64 only; otherwise the engine
-    says so and keeps llm.c's materialised path). optimizer_state=False (ZeRO-1): no m, v or master
+    flash_attention: 1 (or True) the fused attention kernels, 2 the same with 128-row query tiles
+    (llmpy/gpu/flash_attention.py, tile=128); bf16 with head size 64 only, otherwise the engine
+    says so and keeps llm.c's materialised path. optimizer_state=False (ZeRO-1): no m, v or master
     in the arena; llmpy/dist/zero.py's ShardedAdamW keeps this rank's shard of them and runs the update.
     """
 
@@ -235,7 +250,11 @@ class GPUGPT(GPT):
             log("recompute: off (model.py keeps every layer's GELU output)")
         if gelu_fusion and not self.gelu_fusion:
             log(f"gelu fusion: -ge {gelu_fusion} needs model.py support; using 0")
+        if int(flash_attention) not in (0, 1, 2):
+            raise LlmpyError(f"--flash-attention {flash_attention}: expected 0 (materialised), 1 (fused, "
+                             "64-row tiles) or 2 (fused, 128-row query tiles)")
         self.flash_attention = bool(flash_attention) and flash_supports(self.dtype, config.head_size)
+        self.flash_tile = 128 if int(flash_attention) == 2 else 64
         if flash_attention and not self.flash_attention:
             log(f"flash attention: needs bf16 and head size 64 (have {np.dtype(self.dtype).name}, "
                 f"{config.head_size}); using the materialised attention")
@@ -278,8 +297,10 @@ class GPUGPT(GPT):
         self._acts[("grad", B, T)] = {k[5:]: v for k, v in a.views.items() if k.startswith("dact.")}
         self._train_shape = (B, T)
         buffers = {k: v for k, v in a.views.items() if "." not in k}
-        self.ops = _ArenaOps(ops, buffers, (B, T))
-        self._captured_ops = _ArenaOps(ops, buffers, (B, T), capture=True)
+        if "dact.datt" in a.views:                     # the materialised attention's q k^T scratch
+            buffers["preatt"] = a["dact.datt"]
+        self.ops = _ArenaOps(ops, buffers, (B, T), flash_tile=self.flash_tile)
+        self._captured_ops = _ArenaOps(ops, buffers, (B, T), capture=True, flash_tile=self.flash_tile)
         self._prev_lt = cublaslt.default_handle()
         self.lt = cublaslt.CublasLt(a["lt_workspace"], tf32=tf32)
         cublaslt.set_default_handle(self.lt)

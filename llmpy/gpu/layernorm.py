@@ -75,6 +75,14 @@ def backward_blocks(N: int, block_size: int = BACKWARD_BLOCK_SIZE,
     return max(1, min(max_blocks, K.ceil_div(N, block_size // 32)))
 
 
+MAX_SHARED_MEM = 227 * 1024   # bytes of dynamic shared memory a block may opt into (sm_90; sm_80: 163 KiB)
+
+
+def backward_shared_mem(C: int, block_size: int = BACKWARD_BLOCK_SIZE) -> int:
+    """Dynamic shared memory of the backward's first kernel: fp32 dweight and dbias per warp (W x 2C)."""
+    return block_size // 32 * 2 * C * 4
+
+
 def backward_scratch_size(N: int, C: int, *, block_size: int = BACKWARD_BLOCK_SIZE,
                           max_blocks: int = BACKWARD_MAX_BLOCKS) -> int:
     """float32 elements the backward needs in `scratch` (2*C partial sums per block)."""
@@ -100,6 +108,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, *, s
     K.check("rstd", rstd, dtype=np.float32, shape=inp.shape[:-1])
     _check_C(C, dtype)
     block_size = K.check_block_size(block_size)
+    smem = backward_shared_mem(C, block_size)
+    if smem > MAX_SHARED_MEM:
+        raise ValueError(f"C = {C}: the backward keeps {block_size // 32} warps x 2C fp32 sums in shared memory, "
+                         f"{smem} bytes, over {MAX_SHARED_MEM}; use a smaller block_size")
     N = inp.size // C
     blocks = backward_blocks(N, block_size, max_blocks)
     need = blocks * 2 * C
@@ -111,7 +123,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, *, s
     K.launch("layernorm.cu", K.template_name("layernorm_backward_kernel", dtype),
              (blocks,), (block_size,),
              (dinp, scratch, dout, inp, weight, mean, rstd, K.i32(N), K.i32(C)),
-             shared_mem=2 * C * 4)
+             shared_mem=smem)
     K.launch("layernorm.cu", K.template_name("layernorm_backward_fold_kernel", dtype),
              (K.ceil_div(2 * C, 32),), (32, FOLD_WARPS),
              (dweight, dbias, scratch, K.i32(blocks), K.i32(C)))
