@@ -535,3 +535,27 @@ def test_sigterm_stops_every_rank_of_a_two_process_run_at_one_step(tiny, tmp_pat
     r = subprocess.run(job(fast, out, "-y", "1"), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert logged(out, "train") == logged(tmp_path / "ref", "train")
+
+
+def test_nanochat_checkpoint_directories_fall_back_and_move_aside(tiny, tmp_path, capsys):
+    """The nanochat family writes model_%08d/ directories: -y 1 skips a damaged one, and a fresh run moves
+    them, with the rest of the earlier run, into previous/<id>/."""
+    from llmpy import families
+    from llmpy.nanochat import NanoChatConfig, init_params
+    _, data = tiny
+    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
+    start = str(tmp_path / "start")
+    families.save_model_dir(start, cfg, init_params(cfg))
+    out = tmp_path / "run"
+    args = train_args(start, data, out, 4, "-n", "2")
+    assert run(args, capsys)[0] == 0
+    full = logged(out, "train")
+    weights = out / "model_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rc, stdout, _ = run(args + ["-y", "1"], capsys)
+    assert rc == 0 and "skipping the checkpoint of step 4" in stdout and "model_00000002 (step 2)" in stdout
+    assert logged(out, "train")[4:] == full[2:]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    rc, stdout, _ = run(train_args(start, data, out, 2), capsys)
+    assert rc == 0 and (out / "previous" / run_id / "model_00000004" / "model.safetensors").is_file()
+    assert not (out / "model_00000002").exists()
