@@ -89,8 +89,9 @@ class TrainConfig:
     dtype: str = flag("", "auto", "parameter/activation type: auto (bf16 on GPUs of sm_80+, else fp32)",
                       choices=("auto", "fp32", "bf16"))
     cuda_graph: int = flag("", 1, "1: capture the GPU step in a CUDA graph and replay it", choices=(0, 1))
-    flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64 "
-                                       "(0: llm.c's materialised attention)", choices=(0, 1))
+    flash_attention: int = flag("", 0, "1: fused (flash) attention kernels on the GPU, bf16 with head size 64; "
+                                       "2: the same with 128-row query tiles (0: llm.c's materialised attention)",
+                                choices=(0, 1, 2))
     seed: int = flag("", 1337, "seed for sampling during training, 1..2**64-1 (llm.c: 1337)")
     # several processes (llmpy/dist/init.py): `mpiexec -n N`, or one process per rank started by a scheduler
     init_method: str = flag("-pi", "mpi", "how the ranks meet: mpi (mpiexec), tcp (-ps) or fs (-pf)",
