@@ -5,17 +5,22 @@ maxT, V, L, NH, C, Vp), then every parameter back to back in `model.param_shapes
 State file (§2.2): 256 int32 header (magic 20240527, version 1, step, rng states, loader position),
 then AdamW m and v, the optional fp32 master weights and, when the train loader shuffles, its
 permutations and Mersenne-Twister state. Files are written atomically and a `DONE_%08d` marker is
-written last, so a directory never advertises a half-written checkpoint (§2.1, §2.3, §2.4).
+written last, so a directory never advertises a half-written checkpoint (§2.1, §2.3, §2.4). Files holding
+NaN/Inf are neither written nor loaded; `-y 1` resumes from the newest DONE_ step whose files load
+(find_resume_point), skipping damaged ones.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import struct
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 
 from llmpy.data import HEADER_BYTES, atomic_write, read_header
+from llmpy.dist.comm import RankAgreedError
 from llmpy.errors import LlmpyError
 from llmpy.model import GPTConfig, num_parameters
 from llmpy.rng import MT_STATE_BYTES
@@ -47,6 +52,21 @@ def f32_to_bf16_bits(a) -> np.ndarray:
 def bf16_bits_to_f32(u) -> np.ndarray:
     """Widen uint16 bfloat16 bit patterns to float32 (exact)."""
     return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def count_nonfinite(a) -> int:
+    """How many NaN/Inf values `a` holds (in chunks, so a 124M-parameter check needs no big temporary)."""
+    flat = np.asarray(a).reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + CONVERT_CHUNK])))
+               for i in range(0, flat.size, CONVERT_CHUNK))
+
+
+def require_finite(what: str, **arrays) -> None:
+    """LlmpyError when any of the named arrays (None skipped) holds NaN or Inf."""
+    bad = {name: n for name, a in arrays.items() if a is not None and (n := count_nonfinite(a))}
+    if bad:
+        raise LlmpyError(f"{what}: " + ", ".join(f"{n:,} non-finite values (NaN/Inf) in {name}"
+                                                for name, n in bad.items()))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -92,6 +112,7 @@ def load_model(path: str) -> tuple[GPTConfig, np.ndarray]:
         params = np.empty(n, dtype=np.float32)
         for i in range(0, n, CONVERT_CHUNK):
             params[i:i + CONVERT_CHUNK] = bf16_bits_to_f32(raw[i:i + CONVERT_CHUNK])
+    require_finite(f"{path}: refusing a damaged model", parameters=params)
     return cfg, params.astype(np.float32, copy=False)
 
 
@@ -205,6 +226,8 @@ def load_state(path: str, *, num_parameters: int, num_processes: int | None = No
                              f"for {n_shards} shards and {n_samples} samples; truncated or corrupt")
         loader_state.update(shard_perm=shard_perm.astype(np.int32), intra_perm=intra_perm.astype(np.int32),
                             rng=bytes(tail[pos:]))
+    require_finite(f"{path}: refusing a damaged state file", m=arrays[0], v=arrays[1],
+                   master=arrays[2] if has_master else None)
     return {"step": int(h[SLOT_STEP]), "m": arrays[0], "v": arrays[1],
             "master": arrays[2] if has_master else None,
             "rng_state": u64(SLOT_RNG), "rng_state_last_update": u64(SLOT_RNG_LAST_UPDATE),
@@ -238,14 +261,18 @@ def done_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"DONE_{step:08d}")
 
 
-def latest_done_step(out_dir: str) -> int | None:
-    """The largest step with a DONE marker in out_dir (where `-y 1` resumes), or None."""
+def done_steps(out_dir: str) -> list[int]:
+    """The steps with a DONE marker in out_dir, newest first (where `-y 1` looks)."""
     try:
         names = os.listdir(out_dir)
     except FileNotFoundError:
-        return None
-    steps = [int(n[5:]) for n in names if n.startswith("DONE_") and n[5:].isdigit()]
-    return max(steps, default=None)
+        return []
+    return sorted((int(n[5:]) for n in names if n.startswith("DONE_") and n[5:].isdigit()), reverse=True)
+
+
+def latest_done_step(out_dir: str) -> int | None:
+    """The largest step with a DONE marker in out_dir, or None."""
+    return next(iter(done_steps(out_dir)), None)
 
 
 def mark_done(out_dir: str, step: int) -> None:
@@ -259,7 +286,10 @@ def write_checkpoint(out_dir: str, step: int, cfg: GPTConfig, params, *, dtype: 
 
     `state` holds the keyword arguments of `save_state` (m, v, master, rng_state, ...). With
     several processes pass done=False and call `mark_done` on rank 0 after a barrier, as llm.c does.
+    A model or state holding NaN/Inf is refused (LlmpyError) before anything is written.
     """
+    require_finite(f"step {step}: not writing a checkpoint", parameters=params if rank == 0 else None,
+                   m=state.get("m"), v=state.get("v"), master=state.get("master"))
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0 and not isinstance(cfg, GPTConfig):    # another family's directory format
         from llmpy.families import save_model_dir
@@ -291,3 +321,52 @@ def prune_checkpoints(out_dir: str, step: int, every: int, keep: int, major_ever
     if rank == 0 and os.path.isdir(model_dir_path(out_dir, old)):
         shutil.rmtree(model_dir_path(out_dir, old))
     return old
+
+
+# -------------------------------------------------------------------------------------------------
+# Resume: the newest checkpoint that loads
+
+
+@dataclass
+class ResumePoint:
+    """What `-y 1` resumes from: the step, the model (config, host fp32 parameters) and this rank's state."""
+    step: int
+    gpt_cfg: GPTConfig
+    params: np.ndarray
+    state: dict
+
+
+def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log=print) -> ResumePoint | None:
+    """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
+    one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
+    another number of processes is an error, not damage. load(path) -> (config, params) reads the model
+    (default: load_model; the trainer passes llmpy.families' loader, which also reads nanochat directories)."""
+    load = load or load_model
+    from llmpy.dist.zero import check_world_size
+    steps = done_steps(out_dir)
+    if not steps:
+        log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
+        return None
+    for step in steps:
+        path, problem = saved_model_path(out_dir, step), None
+        try:
+            gpt_cfg, params = load(path)
+            check_world_size(out_dir, step, comm)
+            # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
+            numel = params.size // comm.size if zero_stage == 1 else params.size
+            state = load_state(state_path(out_dir, step, comm.rank), num_parameters=numel,
+                               num_processes=comm.size, rank=comm.rank)
+        except RankAgreedError:
+            raise
+        except LlmpyError as e:
+            problem = str(e)
+            if comm.rank > 0:   # the log is rank 0's: this rank names its own file
+                print(f"llmpy train: rank {comm.rank}: -y 1: skipping the checkpoint of step {step}: {problem}",
+                      file=sys.stderr)
+        if comm.sum_host(1.0 if problem else 0.0) > 0:    # every rank skips it when one rank cannot read it
+            log(f"-y 1: skipping the checkpoint of step {step}: {problem or 'damaged on another rank'}")
+            continue
+        log(f"resuming from {path} (step {step})")
+        return ResumePoint(step, gpt_cfg, params, state)
+    raise RankAgreedError(f"-y 1: none of the {len(steps)} checkpoints in {out_dir} can be read (see above)",
+                          rank=comm.rank)

@@ -16,6 +16,7 @@ import dataclasses
 import sys
 
 from llmpy.errors import LlmpyError
+from llmpy.rundir import Interrupted, os_error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,11 +34,21 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         long = "--" + f.name.replace("_", "-")
         names = [f.metadata["short"], long] if f.metadata["short"] else [long]
         kind = type(f.default)
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        choices = f.metadata.get("choices")
+        listed = f"choices: {', '.join(map(str, choices))}; " if choices else ""
+        help_text = f"{f.metadata['help']} ({listed}default: {f.default!r})".replace("%", "%%")
         # SUPPRESS: only flags the user typed reach the namespace (the embedded preset fills the rest)
         p.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
-                       choices=f.metadata.get("choices"), metavar=kind.__name__.upper())
+                       choices=choices, metavar=kind.__name__.upper())
     return p
+
+
+def _hellaswag_flag_without_value(argv) -> bool:
+    """`llmpy train -h` (or -h followed by another flag): the user wants help, not llm.c's -h 0|1."""
+    if not argv or argv[0] != "train" or "-h" not in argv:
+        return False
+    i = argv.index("-h")
+    return i + 1 == len(argv) or argv[i + 1] not in ("0", "1")
 
 
 def _sample_parser(sub):
@@ -79,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _hellaswag_flag_without_value(argv):
+        print("llmpy train: -h is llm.c's HellaSwag flag and takes 0 or 1 (-h 1); for help use --help",
+              file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -100,9 +116,16 @@ def main(argv=None) -> int:
         elif args.command == "eval-hellaswag":
             from llmpy.commands import hellaswag_command
             hellaswag_command(args)
+    except Interrupted as e:   # SIGTERM/SIGINT: the run saved its checkpoint and says where (rank 0)
+        if not getattr(e, "quiet", False):
+            print(f"llmpy {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except LlmpyError as e:
         if not getattr(e, "quiet", False):   # an error every rank of a multi-process run raised: rank 0 says it
             print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:       # one line naming the path (disk full, read-only, not a directory, ...)
+        print(f"llmpy {args.command}: error: {os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"llmpy {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ saved into and restored from a state file (§3.2, §2.2).
 """
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import os
 
@@ -25,18 +26,38 @@ TOKEN_DTYPE = np.uint16            # GPT-2 vocabulary fits (50257 < 65536)
 # Shard files
 
 
+TMP_SUFFIX = ".tmp"                # atomic_write's temporary files are <path>.tmp<pid>
+
+
 def atomic_write(path: str, chunks) -> None:
-    """Write the byte-like chunks to `path` via a temporary file and os.replace (all or nothing)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write the byte-like chunks to `path` all or nothing, also across a power loss: into `<path>.tmp<pid>`,
+    fsync, os.replace, then fsync the directory (so the rename itself is on disk). A kill can leave the
+    temporary file behind; the trainer removes those at its next start (llmpy.rundir). An OSError (disk
+    full, read-only file system) becomes an LlmpyError naming `path`."""
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        fsync_dir(os.path.dirname(path) or ".")
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise LlmpyError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_shard(path: str, tokens) -> None:
@@ -82,6 +103,16 @@ def read_shard_header(path: str) -> int:
     return ntok
 
 
+def check_token_ids(path: str, tokens: np.ndarray, vocab_size: int) -> None:
+    """LlmpyError naming the shard when a token id is >= vocab_size (the model has no embedding row for it:
+    the CPU path would fail in its first forward, the GPU kernels would read past the table)."""
+    top = int(tokens.max())
+    if top >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise LlmpyError(f"{path}: token id {top} (first bad id at token {where}) is outside the model's "
+                         f"vocabulary of {vocab_size}; were these shards tokenized for another model?")
+
+
 def load_tokens(path: str) -> np.ndarray:
     """The tokens of a validated shard as a read-only uint16 memory map."""
     ntok = read_shard_header(path)
@@ -102,10 +133,14 @@ class DataLoader:
     shard when it is opened (from the identity each time); every reset is a new epoch. shuffle_seed
     replaces 42 + rank (the trainer gives every rank 42: its P*B-row global batches are then those of
     one process with P*B rows).
+    With vocab_size, every token id is checked against it: up front when the shards hold at most
+    UPFRONT_CHECK_TOKENS tokens (one pass over a memory map), else each shard when it is first opened.
     """
+    UPFRONT_CHECK_TOKENS = 1 << 30      # 2 GiB of uint16 ids: a second or two from the page cache
 
     def __init__(self, pattern: str, B: int, T: int, *, process_rank: int = 0,
-                 num_processes: int = 1, shuffle: bool = False, shuffle_seed: int | None = None):
+                 num_processes: int = 1, shuffle: bool = False, shuffle_seed: int | None = None,
+                 vocab_size: int | None = None):
         if B <= 0 or T <= 0 or num_processes <= 0 or not 0 <= process_rank < num_processes:
             raise ValueError(f"bad loader geometry B={B} T={T} rank={process_rank}/{num_processes}")
         self.pattern, self.B, self.T = pattern, B, T
@@ -121,6 +156,11 @@ class DataLoader:
                 raise LlmpyError(f"{path}: {ntok} tokens, fewer than the {need} one batch needs "
                                  f"(P*B*T+1 with P={num_processes}, B={B}, T={T})")
             self.num_tokens += ntok
+        self.vocab_size, self._ids_checked = vocab_size, set()
+        if vocab_size is not None and self.num_tokens <= self.UPFRONT_CHECK_TOKENS:
+            for path in self.files:
+                check_token_ids(path, load_tokens(path), vocab_size)
+            self._ids_checked = set(range(len(self.files)))
         self.shard_perm = np.arange(len(self.files), dtype=np.int32)
         self.intra_perm: np.ndarray | None = None
         self.rng = MT19937(42 + process_rank if shuffle_seed is None else shuffle_seed) if shuffle else None
@@ -132,6 +172,9 @@ class DataLoader:
         """Map the shard at position shard_idx of the (possibly permuted) order."""
         file_idx = int(self.shard_perm[shard_idx]) if self.shuffle else shard_idx
         self.tokens = load_tokens(self.files[file_idx])
+        if self.vocab_size is not None and file_idx not in self._ids_checked:
+            check_token_ids(self.files[file_idx], self.tokens, self.vocab_size)
+            self._ids_checked.add(file_idx)
         self.shard_num_samples = (len(self.tokens) - 1) // (self.num_processes * self.B * self.T)
 
     def _new_intra_perm(self) -> None:
@@ -208,3 +251,16 @@ class DataLoader:
             raise LlmpyError(f"{self.pattern}: saved sample index {sample_idx} is past the "
                              f"{self.shard_num_samples} samples of its shard")
         self.current_sample_idx = sample_idx
+
+
+def find_val_split(train_pat: str, log) -> str:
+    """The val shards beside -i when -j is not given: 'train' -> 'val' in the file-name part of the pattern
+    (llm.c's fineweb_train_*.bin / fineweb_val_*.bin, tiny_shakespeare_train.bin / ..._val.bin)."""
+    head, tail = os.path.split(train_pat)
+    guess = os.path.join(head, tail.replace("train", "val")) if "train" in tail else ""
+    if guess and globlib.glob(guess):
+        log(f"val data: {guess} (found beside -i; give -j to choose other shards)")
+        return guess
+    log("validation off: no -j given" + (f" and nothing matches {guess}" if guess else
+                                         " and -i's file names have no 'train' to find a val split by"))
+    return ""

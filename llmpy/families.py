@@ -6,8 +6,9 @@ Two families share the trainer (llmpy/train.py), the sampler and the state files
     tensor names and shapes, below), or a descriptor `nanochat:dN[:kvK]`: depth N, n_embd = 64 N, head dim
     128 (n_head = ceil(n_embd / 128)), K key/value heads (default n_head), vocab 50257, sequence_len 1024;
     nanochat's init (llmpy/nanochat.py's docstring).
-This module is the one place that tells them apart: `is_nanochat(spec)`, `build_model(...)`, and the
-checkpoint writer `save_model_dir` that llmpy/checkpoint.py calls for a NanoChatConfig.
+This module is the one place that tells them apart: `is_nanochat(spec)`, `load_checked(...)` (everything
+checked before the trainer builds), `build(...)`, and the checkpoint writer `save_model_dir` that
+llmpy/checkpoint.py calls for a NanoChatConfig.
 
 nanochat checkpoint directory (also what `-o` writes per step, as model_%08d/, next to llmpy's state file):
   config.json        {"n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len"}
@@ -150,20 +151,30 @@ def load_nanochat(spec: str, *, flag: str = "-e") -> tuple[NanoChatConfig, np.nd
     return load_model_dir(spec)
 
 
-def build_model(spec: str, tcfg, device: str, make_gpt, *, log=print):
-    """The model `-e spec` names, set up for the TrainConfig tcfg: a NanoChat, or the GPT-2 that
-    make_gpt (llmpy.train.model_factory's function) builds."""
+def load_checked(spec: str, tcfg, device: str, load_gpt) -> tuple:
+    """(config, host float32 params) of the model `-e spec` names, checked against the TrainConfig tcfg and
+    the device before anything is built or written (llmpy/train.py); load_gpt reads a GPT-2 spec."""
     if not is_nanochat(spec):
         if tcfg.optimizer != "adamw":
             raise LlmpyError(f"--optimizer {tcfg.optimizer} trains nanochat models (-e nanochat:dN or a "
                              "nanochat directory); GPT-2 trains with adamw")
-        from llmpy.train import build_model as build_gpt
-        return build_gpt(spec, make_gpt, tcfg.seq_len)
+        return load_gpt(spec)
     if tcfg.zero_stage > 0:   # ZeRO-1 slices GPT-2's tensors; Muon needs whole matrices (llmpy/nanochat.py)
         raise LlmpyError(f"-z/--zero-stage {tcfg.zero_stage}: nanochat models train with -z 0 so far")
     cfg, params = load_nanochat(spec)
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")
+    from llmpy.checkpoint import require_finite
+    require_finite(f"{spec}: refusing a damaged model", parameters=params)
+    return cfg, params
+
+
+def build(cfg, params, tcfg, make_gpt, *, device: str = "cpu", log=print):
+    """The model for load_checked's (config, params): a NanoChat (on `device`: the CPU model, or the GPU
+    engine llmpy/gpu/nanochat_engine.py for 'cuda'), or the GPT-2 that make_gpt (llmpy.train.model_factory's
+    function) builds."""
+    if not isinstance(cfg, NanoChatConfig):
+        return make_gpt(cfg, params)
     log(f"nanochat: n_layer={cfg.n_layer} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} n_embd={cfg.n_embd} "
         f"head_dim={cfg.head_dim}; optimizer {tcfg.optimizer}"
         + (f" (Muon lr {tcfg.muon_lr} on the block matrices, AdamW on wte and lm_head)"

@@ -72,7 +72,7 @@ def _read_safetensors_numpy(path: str) -> dict[str, np.ndarray]:
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """name -> NumPy array (bf16 widened to float32) of one .safetensors file."""
     try:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
     except ImportError:
         return _read_safetensors_numpy(path)
     try:
@@ -80,6 +80,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except TypeError:      # numpy has no bfloat16: fall back to our reader, which widens it
         return _read_safetensors_numpy(path)
+    except SafetensorError as e:   # truncated or not a safetensors file: one line, not a traceback
+        raise LlmpyError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:

@@ -270,6 +270,8 @@ class GPT(FlatParamModel):
     recompute_gelu = False   # -r 1 (GPU engine): one shared GELU buffer, recomputed in backward
     gelu_fusion = 0          # -ge: 1 fuses GELU into the fc matmul's epilogue, 2 also its backward
     flash_attention = False  # --flash-attention (GPU engine, bf16, head size 64): the fused attention ops
+    layer_grads_done = None  # callable(l): layer l's parameter gradients are complete (the GPU engine's
+                             # data parallelism reduces them there while backward goes on, llm.c style)
 
     def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
         self._init_flat(config, ops, param_shapes(config), dtype, params)
@@ -385,6 +387,8 @@ class GPT(FlatParamModel):
             ops.matmul_backward(d["dbtc"], g["qkvw"][l], g["qkvb"][l], d["dqkv"], a["ln1"][l], p["qkvw"][l])
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], d["dbtc"], residual, p["ln1w"][l],
                                    a["ln1_mean"][l], a["ln1_rstd"][l])
+            if self.layer_grads_done is not None:
+                self.layer_grads_done(l)
         ops.encoder_backward(g["wte"], g["wpe"], dresidual, inp, seed=seed)
 
     def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0):

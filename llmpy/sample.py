@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmpy.errors import LlmpyError
+
 
 def sample_index(logits: np.ndarray, coin: float, *, temperature: float = 1.0, top_k: int = 0) -> int:
     """Index drawn from softmax(logits / temperature), restricted to the top_k largest when top_k > 0.
@@ -48,9 +50,11 @@ def generate(model, prompt: list[int], num_tokens: int, rng, *, temperature: flo
         buf[0, :n] = tokens
         logits = model.forward(model.xp.asarray(buf))
         row = logits[0, n - 1, :cfg.vocab_size]
-        row = row.get() if hasattr(row, "get") else row
-        tok = sample_index(np.asarray(row, dtype=np.float32), rng.random_f32(),
-                           temperature=temperature, top_k=top_k)
+        row = np.asarray(row.get() if hasattr(row, "get") else row, dtype=np.float32)
+        if not np.isfinite(row).all():   # a cumulative sum over NaN would pick an arbitrary token
+            raise LlmpyError(f"the model's next-token scores after {n} tokens are not finite (NaN/Inf); "
+                             "the model is damaged or diverged")
+        tok = sample_index(row, rng.random_f32(), temperature=temperature, top_k=top_k)
         tokens.append(tok)
         if on_token is not None:
             on_token(tok)

@@ -232,6 +232,13 @@ NOMINAL_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 988.8, "H100 SXM": 988.8
                        "H100": 756.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.2}
 
 
+# why a measurement can exceed a measured peak: said next to every value over 100 % (JSON, table, chart)
+OVER_PEAK = {"copy": "in-cache data: the op rereads or keeps data in cache (CPU caches, GPU L2), while the copy "
+                     "peak streams from main memory",
+             "gemm": "this shape ran faster than the square GEMM that set the peak (its operands stay in "
+                     "cache, or the peak was timed while the machine was busy)"}
+
+
 def nominal_bf16_tflops(device_name: str) -> float | None:
     for key, tf in NOMINAL_BF16_TFLOPS.items():
         if key in device_name:
@@ -257,11 +264,14 @@ def _jsonable(x):
 
 
 def pyplot():
-    """matplotlib.pyplot with the Agg backend, imported only when a plot is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    """matplotlib.pyplot with the Agg backend, imported only when a plot is drawn (after the JSON is
+    written); without matplotlib the script ends with one line saying what to install."""
+    from llmpy.errors import LlmpyError
+    from llmpy.plot import pyplot as llmpy_pyplot
+    try:
+        return llmpy_pyplot()
+    except LlmpyError as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: no charts: {e}") from None
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):

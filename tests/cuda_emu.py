@@ -30,8 +30,11 @@ CUDA graphs (EmulatedCuda, the `cupy.cuda` that StepGraph sees): while a stream 
 matmuls, memsets and device-to-device copies are recorded with their pointers and by-value
 arguments frozen, and a replay runs the recording, so a per-step value passed by value instead of
 through device memory shows up as a replay that differs from eager execution. What CUDA refuses
-during capture is refused here too: host<->device copies, synchronisation, work on another stream,
-and allocations once StepGraph has installed its refusing allocator.
+during capture is refused here too: host<->device copies, synchronisation, work on a stream that is
+not part of the capture, and allocations once StepGraph has installed its refusing allocator. A second
+stream joins a capture as in CUDA, by waiting for an event recorded on a capturing stream (a fork),
+and must be joined back (the capturing stream waits for an event recorded after its last work)
+before the capture ends; its work is recorded in issue order.
 With the engine's few device calls stubbed too (arena pool, synchronize, device name, memory info),
 the whole GPUGPT training step runs, graphs included (tests/test_gpu_engine.py).
 Not modelled: concurrency between blocks, fast-math approximations, cuBLASLt's own descriptors and
@@ -206,6 +209,9 @@ class Emulator:
         self.launches: list[str] = []
         self._capture: list | None = None           # the work recorded by the capturing stream
         self._capture_stream = None                 # that stream, while one captures
+        self._capture_streams: set = set()          # it and the streams forked into the capture
+        self._issued: dict = {}                     # forked stream -> work items it recorded
+        self._joined: dict = {}                     # forked stream -> how many of them are joined back
         self.allocator = None                       # set by EmulatedCuda.using_allocator
         self.cuda = EmulatedCuda(self)
         emu = self
@@ -256,9 +262,12 @@ class Emulator:
         if self._capture is None:
             work()
             return
-        if not self.cuda.get_current_stream().is_capturing():
+        stream = self.cuda.get_current_stream()
+        if not stream.is_capturing():
             raise EmulatorError("work issued on a stream that is not capturing while a CUDA graph is "
                                 "being captured (CUDA invalidates the capture)")
+        if stream is not self._capture_stream:
+            self._issued[stream] = self._issued.get(stream, 0) + 1
         self._capture.append(work)
 
     def host_sync(self, what: str) -> None:
@@ -470,6 +479,8 @@ class Emulator:
         monkeypatch.setattr(llmpy.gpu.graph.StepGraph, "__init__", lambda graph, *, cuda=None, **kw:
                             step_graph_init(graph, cuda=cuda or self.cuda, **kw))
         monkeypatch.setattr(cp.cuda, "get_current_stream", self.cuda.get_current_stream)
+        import llmpy.dist.overlap
+        monkeypatch.setattr(llmpy.dist.overlap, "cuda_module", lambda: self.cuda)
         monkeypatch.setattr(cp.cuda.runtime, "memGetInfo", lambda: (MEMORY_BYTES - self.used_bytes(), MEMORY_BYTES))
         monkeypatch.setattr(cublaslt, "CublasLt", lambda workspace=None, *, tf32=False: EmulatedCublasLt(self, tf32))
         for module in (cublaslt, llmpy.gpu.matmul):     # matmul.py imported these by name
@@ -581,7 +592,7 @@ class EmulatedCuda:
         return _Stream(self, "side")
 
     def Event(self, disable_timing=False):
-        return _Event()
+        return _Event(self)
 
     def get_current_stream(self):
         return self._current[-1]
@@ -608,7 +619,7 @@ class _Stream:
         self.cuda._current.pop()
 
     def is_capturing(self) -> bool:
-        return self.cuda.emu._capture_stream is self
+        return self in self.cuda.emu._capture_streams
 
     def begin_capture(self):
         emu = self.cuda.emu
@@ -617,24 +628,43 @@ class _Stream:
         if emu._capture_stream is not None:
             raise EmulatorError("a CUDA graph is already being captured")
         emu._capture, emu._capture_stream = [], self
+        emu._capture_streams, emu._issued, emu._joined = {self}, {}, {}
 
     def end_capture(self) -> "_Graph":
         emu = self.cuda.emu
-        if not self.is_capturing():
-            raise EmulatorError(f"end_capture on the {self.name} stream, which is not capturing")
+        if emu._capture_stream is not self:
+            raise EmulatorError(f"end_capture on the {self.name} stream, which did not begin the capture")
+        unjoined = [s.name for s, n in emu._issued.items() if n > emu._joined.get(s, 0)]
         work, emu._capture, emu._capture_stream = emu._capture, None, None
+        emu._capture_streams, emu._issued, emu._joined = set(), {}, {}
+        if unjoined:
+            raise EmulatorError(f"capture ended with work on the forked {', '.join(unjoined)} stream not "
+                                "joined back (CUDA: cudaErrorStreamCaptureUnjoined)")
         return _Graph(emu, work)
 
     def wait_event(self, event) -> None:
-        pass                             # one in-order queue: already ordered
+        """One in-order queue: already ordered. During a capture, waiting for an event recorded on a
+        capturing stream forks this stream into the capture, or joins the recording stream's work."""
+        emu = self.cuda.emu
+        if emu._capture is None or event.stream is None or event.stream not in emu._capture_streams:
+            return
+        emu._capture_streams.add(self)
+        emu._joined[event.stream] = max(emu._joined.get(event.stream, 0), event.work)   # work before the record
 
     def synchronize(self) -> None:
         self.cuda.emu.host_sync("stream synchronize")
 
 
 class _Event:
+    def __init__(self, cuda: EmulatedCuda):
+        self.cuda, self.stream, self.work = cuda, None, 0
+
     def record(self, stream=None) -> None:
-        pass
+        emu = self.cuda.emu
+        self.stream = stream if stream is not None else self.cuda.get_current_stream()
+        self.work = emu._issued.get(self.stream, 0)
+        if emu._capture is None:
+            self.stream = None           # outside a capture an event orders nothing here
 
 
 class _Graph:

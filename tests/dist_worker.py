@@ -90,6 +90,7 @@ def emulated_gpu_train(library, *argv):
     with pytest.MonkeyPatch.context() as mp, emu.installed(mp):
         mp.setattr("llmpy.train.resolve_device", lambda requested: "cuda")
         mp.setattr(llmpy.dist.nccl, "cupy_nccl", lambda: emu_nccl)
+        mp.setattr(emu_nccl, "emulator", emu)
         mp.setattr(llmpy.dist.nccl.NcclComm, "use_device", staticmethod(lambda index: None))
         mp.setattr(DataParallel, "update", update_and_hash)
         rc = main(["train", "--device", "cuda", *argv])
@@ -103,7 +104,83 @@ def emulated_gpu_train(library, *argv):
     sys.exit(rc)
 
 
+def nccl_runs(launches: list) -> list:
+    """[collective, how many in a row] for each run of consecutive NCCL calls among the kernels."""
+    runs, previous = [], None
+    for name in launches:
+        if name.startswith("nccl."):
+            if previous is not None and previous.startswith("nccl."):
+                runs[-1][1] += 1
+            else:
+                runs.append([name[5:], 1])
+        previous = name
+    return runs
+
+
+def emulated_overlap(library, out):
+    """The emulated GPU engine (bf16, master weights) stepped through DataParallel on this rank, for
+    ZeRO 0 and 1, graphs off and on, each with the gradient reduction overlapped with the last backward
+    and without: 3 steps of 2 micro-steps (eager, capture, replay). Writes, per configuration, the
+    SHA-1 of the reduced gradients, the grad norm and the parameters after each step, and the runs of
+    NCCL calls among the kernels of the last step's last micro-step and reduce_gradients."""
+    import hashlib
+
+    import pytest
+    from mpi4py import MPI
+
+    import cuda_emu
+    import emu_nccl
+    import llmpy.gpu
+    from llmpy.dist.nccl import NcclComm
+    from llmpy.dist.zero import DataParallel
+    from llmpy.gpu.engine import GPUGPT
+    from llmpy.model import GPTConfig, num_parameters
+    from llmpy.rng import init_params
+    emu, rank = cuda_emu.Emulator(library), MPI.COMM_WORLD.Get_rank()
+    cfg = GPTConfig(max_seq_len=16, vocab_size=250, padded_vocab_size=256, num_layers=2, num_heads=2, channels=32)
+    params = np.empty(num_parameters(cfg), dtype=np.float32)
+    init_params(cfg, params)
+    B, T, accum = 2, 16, 2
+    data = np.random.default_rng(100 + rank).integers(0, 250, size=(3, accum, 2, B, T))
+    sha = lambda a: hashlib.sha1(emu.to_host(a).tobytes()).hexdigest()   # noqa: E731
+    results = {}
+    with pytest.MonkeyPatch.context() as mp, emu.installed(mp):
+        mp.setattr(emu_nccl, "emulator", emu)
+        comm = NcclComm(bytes(128), rank, 2, nccl=emu_nccl)
+        for zero in (0, 1):
+            for graph in (False, True):
+                for overlap in (False, True):
+                    trace = []
+                    with GPUGPT(cfg, llmpy.gpu, params=params, batch_size=B, seq_len=T, cuda_graph=graph,
+                                optimizer_state=zero != 1, log=lambda *a: None) as model:
+                        dp = DataParallel(model, comm, zero, overlap=overlap, log=lambda *a: None)
+                        assert (dp.reducer is not None) == overlap
+                        for step in range(3):
+                            model.zero_grad()
+                            for micro in range(accum):
+                                if micro == accum - 1:
+                                    emu.launches.clear()
+                                inp, tgt = data[step, micro]
+                                dp.forward_backward(inp, tgt, 1.0 / (B * T * accum), seed=7 * step + micro,
+                                                    last=micro == accum - 1)
+                            dp.reduce_gradients()
+                            runs = nccl_runs(emu.launches)
+                            norm = dp.grad_norm()
+                            grads = sha(model.grads)
+                            dp.update(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, t=step + 1,
+                                      seeds=list(range(100 * step, 100 * step + 16)))
+                            trace.append([grads, norm, sha(model.params)])
+                        if graph:
+                            g = model.reduce_graph if overlap else model.graph
+                            trace.append([g.captures, g.replays, model.reduce_graph.disabled])
+                    results[f"z{zero} graph{int(graph)} overlap{int(overlap)}"] = {"trace": trace, "runs": runs}
+        comm.close()
+    with open(os.path.join(out, f"overlap_rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    print("ok")
+
+
 if __name__ == "__main__":
     cases = {"collectives": collectives, "bootstrap": bootstrap, "fail_on_rank_1": fail_on_rank_1,
-             "emulated_gpu_train": emulated_gpu_train}
+             "emulated_gpu_train": emulated_gpu_train, "emulated_overlap": emulated_overlap}
     cases[sys.argv[1]](*sys.argv[2:])

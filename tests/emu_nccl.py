@@ -5,8 +5,13 @@ With it, `mpiexec -n 2` runs the GPU engine's own NCCL call sequence on two CPU 
 pointer arithmetic (NCCL's in-place reduce-scatter and all-gather offsets), its dtypes and ops, and
 the order in which the engine issues them. Reductions are done in fp32 in rank order and rounded once
 into the buffer's type (bf16 or fp32); avg multiplies the sum by 1/N. Group calls only bracket: every
-collective runs when it is called, which gives the same result as NCCL's grouped launch. Not modelled:
-streams (the emulator runs work in order), NCCL's own reduction order and bf16 arithmetic, timing.
+collective runs when it is called, which gives the same result as NCCL's grouped launch. With
+`emulator` set (a tests/cuda_emu.Emulator), each collective is device work in the emulator's queue: it
+runs when issued, or is recorded while a CUDA graph captures (on the capturing stream or one forked
+into the capture) and runs at every replay, as NCCL inside a graph does; each run appends
+"nccl.<collective>" to the emulator's `launches`, between the kernels it ran after and before.
+`calls` counts runs. Not modelled: concurrency between streams (the emulator runs work in issue
+order), NCCL's own reduction order and bf16 arithmetic, timing.
 """
 import collections
 import ctypes
@@ -19,6 +24,7 @@ from llmpy.dist import nccl as real
 DTYPES = {real.NCCL_FLOAT32: np.dtype(np.float32), real.NCCL_BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 calls = collections.Counter()          # (collective, dtype name, op) -> count, for the tests
 groups = 0
+emulator = None                        # a cuda_emu.Emulator: collectives become device work in its queue
 
 
 def get_unique_id() -> bytes:
@@ -62,23 +68,40 @@ class NcclCommunicator:
         (self.world.Alltoall if alltoall else self.world.Allgather)(send, recv)
         return out
 
+    def _issue(self, key, work):
+        def run():
+            calls[key] += 1
+            if emulator is not None:
+                emulator.launches.append(f"nccl.{key[0]}")
+            work()
+        if emulator is None:
+            run()
+        else:
+            emulator.enqueue(run)
+
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
         dt = DTYPES[datatype]
-        calls["allReduce", dt.name, op] += 1
-        parts = self._exchange(_host(sendbuf, count, dt).copy(), count, alltoall=False)
-        _host(recvbuf, count, dt)[...] = self._reduce(parts, dt, op)
+
+        def work():
+            parts = self._exchange(_host(sendbuf, count, dt).copy(), count, alltoall=False)
+            _host(recvbuf, count, dt)[...] = self._reduce(parts, dt, op)
+        self._issue(("allReduce", dt.name, op), work)
 
     def reduceScatter(self, sendbuf, recvbuf, recvcount, datatype, op, stream):
         dt = DTYPES[datatype]
-        calls["reduceScatter", dt.name, op] += 1
-        parts = self._exchange(_host(sendbuf, recvcount * self.n, dt).copy(), recvcount, alltoall=True)
-        _host(recvbuf, recvcount, dt)[...] = self._reduce(parts, dt, op)
+
+        def work():
+            parts = self._exchange(_host(sendbuf, recvcount * self.n, dt).copy(), recvcount, alltoall=True)
+            _host(recvbuf, recvcount, dt)[...] = self._reduce(parts, dt, op)
+        self._issue(("reduceScatter", dt.name, op), work)
 
     def allGather(self, sendbuf, recvbuf, sendcount, datatype, stream):
         dt = DTYPES[datatype]
-        calls["allGather", dt.name, None] += 1
-        parts = self._exchange(_host(sendbuf, sendcount, dt).copy(), sendcount, alltoall=False)
-        _host(recvbuf, sendcount * self.n, dt)[...] = parts.reshape(-1)
+
+        def work():
+            parts = self._exchange(_host(sendbuf, sendcount, dt).copy(), sendcount, alltoall=False)
+            _host(recvbuf, sendcount * self.n, dt)[...] = parts.reshape(-1)
+        self._issue(("allGather", dt.name, None), work)
 
     def abort(self):
         pass

@@ -223,6 +223,42 @@ def test_graph_capture_records_and_replays_with_the_captured_arguments(emulator)
     assert emulator.launches == ["fill_kernel"] * 3
 
 
+def test_a_stream_forked_into_a_capture_is_recorded_and_must_be_joined(emulator):
+    """CUDA's fork/join inside a capture (llmpy/dist/overlap.py's comm stream): a stream that waits for
+    an event recorded on the capturing stream joins the capture, its work is recorded in issue order,
+    and the capture ends only after the capturing stream waited for an event recorded after that work."""
+    cuda = emulator.cuda
+    out = emulator.zeros((8,))
+    origin, comm = cuda.Stream(non_blocking=True), cuda.Stream(non_blocking=True)
+    fork, join = cuda.Event(), cuda.Event()
+    with origin:
+        origin.begin_capture()
+        emulator.run("fill_kernel", (1,), (32,), (out, np.int32(2)))
+        fork.record(origin)
+        comm.wait_event(fork)
+        assert comm.is_capturing()
+        with comm:
+            out[4:6].fill(3.0)
+        emulator.run("fill_kernel", (1,), (32,), (out[6:], np.int32(1)))
+        join.record(comm)
+        origin.wait_event(join)
+        graph = origin.end_capture()
+    assert not comm.is_capturing() and np.all(emulator.to_host(out) == 0), "capture must record, not run"
+    graph.launch(origin)
+    np.testing.assert_array_equal(emulator.to_host(out), [1, 1, 0, 0, 3, 3, 1, 0])
+    with origin:
+        origin.begin_capture()
+        fork.record(origin)
+        comm.wait_event(fork)
+        join.record(comm)                   # recorded before the work: joins nothing
+        with comm:
+            out.fill(0.0)
+        origin.wait_event(join)
+        with pytest.raises(EmulatorError, match="not joined back"):
+            origin.end_capture()
+    assert not origin.is_capturing() and not comm.is_capturing()
+
+
 def test_what_cuda_refuses_during_capture_is_refused(emulator):
     from llmpy.gpu.graph import AllocationDuringCapture, _refuse_allocation
     cuda = emulator.cuda

@@ -176,16 +176,24 @@ class ShardedAdamW:
 class DataParallel:
     """The training loop's view of the model across ranks (see the module docstring).
 
-    reduce_gradients() after the last micro-step; mean_loss(n) and average(x) are global means;
-    grad_norm() the global norm; update(**adamw) the step (and, under stage 1, the all-gather)."""
+    forward_backward(..., last=) for each micro-step; reduce_gradients() after the last; mean_loss(n)
+    and average(x) are global means; grad_norm() the global norm; update(**adamw) the step (and, under
+    stage 1, the all-gather)."""
 
-    def __init__(self, model, comm: Communicator, zero_stage: int = 0, *, log=print):
+    def __init__(self, model, comm: Communicator, zero_stage: int = 0, *, overlap: bool = True, log=print):
         self.model, self.comm = model, comm
         if zero_stage in (2, 3):
             log(f"-z {zero_stage}: ZeRO stages 2 and 3 are not implemented; using stage 0 (as llm.c)")
             zero_stage = 0
         self.zero_stage = zero_stage
         self.sharded = ShardedAdamW(model, comm) if zero_stage == 1 else None
+        # the GPU engine reduces each layer's gradients during the last backward (llmpy/dist/overlap.py);
+        # one process has nothing to reduce, so it gets no comm stream at all
+        self.reducer = None
+        if overlap and comm.size > 1 and getattr(model, "reduces_in_backward", False):
+            from llmpy.dist.overlap import LayerReducer
+            self.reducer = LayerReducer(model, comm, self.sharded)
+        self._reduced_in_backward = False
         if comm.size > 1 or self.sharded is not None:
             procs = f"{comm.size} process{'es' if comm.size > 1 else ''}"
             log(f"data parallel: {procs} ({comm.name}), ZeRO stage {zero_stage}"
@@ -197,8 +205,20 @@ class DataParallel:
         """Floats per array (m, v, master) in this rank's state file."""
         return self.sharded.numel if self.sharded is not None else self.model.num_parameters
 
+    def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0, last: bool = True) -> None:
+        """One micro-step of the model; on the `last` one of a step, with overlap, the layers' gradient
+        reductions are issued during the backward (reduce_gradients then only finishes them)."""
+        if last and self.reducer is not None:
+            self.model.forward_backward(inp, targets, dloss, seed=seed, reducer=self.reducer)
+            self._reduced_in_backward = True
+        else:
+            self.model.forward_backward(inp, targets, dloss, seed=seed)
+
     def reduce_gradients(self) -> None:
-        if self.sharded is not None:
+        if self._reduced_in_backward:
+            self._reduced_in_backward = False
+            self.reducer.finish()
+        elif self.sharded is not None:
             self.sharded.reduce_gradients()
         else:
             self.comm.all_reduce(self.model.grads, op="avg")

@@ -11,7 +11,9 @@ what mixed-precision training on one GPU needs:
     one of the AdamW update, whose per-step values (lr, the clipping scale, the bias corrections of
     step t, the 16 rounding seeds) are staged into device buffers before each replay. Between them the
     global gradient norm runs eagerly and is read back: the loop logs it and needs it on the host for
-    the clipping scale and llm.c's z-score skip, as llm.c's own step does;
+    the clipping scale and llm.c's z-score skip, as llm.c's own step does. Under data parallelism the
+    last micro-step of a step has a graph of its own, with the per-layer gradient reductions on a
+    forked comm stream inside it (llmpy/dist/overlap.py);
   - MFU from llm.c's GPU table (llmpy/gpu/mfu.py), a memory report, and close() / `with`, which give
     every byte back to the pool, also after an exception.
 
@@ -221,7 +223,8 @@ class ArenaEngine:
     NanoChatGPU): parameter upload into bf16 + master, token staging into the arena's fixed buffers,
     parameters out, the memory report, and close() / `with`. The engine provides the attributes these
     read: config (vocab_size), dtype, num_parameters, B, T, arena, params, grads, m, v, master, norm,
-    ops (_ArenaOps), _captured_ops, _acts, p, g, graph, update_graph, lt, _prev_lt, _closed."""
+    ops (_ArenaOps), _captured_ops, _acts, p, g, graph, update_graph, reduce_graph (a StepGraph or
+    None each), lt, _prev_lt, _closed."""
 
     def _open(self, arena, ops, params, tf32: bool):
         """Allocate the arena (one clear line when it does not fit), bind the views (the engine's _bind),
@@ -340,7 +343,7 @@ class ArenaEngine:
         try:
             self.synchronize()
         finally:
-            for graph in (self.graph, self.update_graph):
+            for graph in (self.graph, self.update_graph, self.reduce_graph):
                 if graph is not None:
                     graph.close()
             self._acts.clear()
@@ -383,6 +386,8 @@ class GPUGPT(ArenaEngine, GPT):
     in the arena; llmpy/dist/zero.py's ShardedAdamW keeps this rank's shard of them and runs the update.
     """
 
+    reduces_in_backward = True   # forward_backward(reducer=...): llmpy/dist/overlap.py
+
     def __init__(self, config: GPTConfig, ops, *, dtype="bf16", params=None, batch_size: int,
                  seq_len: int, master_weights=True, recompute=True, gelu_fusion=0, cuda_graph=True,
                  tf32=False, flash_attention=False, optimizer_state=True, log=print):
@@ -416,6 +421,7 @@ class GPUGPT(ArenaEngine, GPT):
         self._acts, self._closed, self.lt, self._prev_lt = {}, False, None, None
         self.graph = StepGraph(log=log) if cuda_graph else None
         self.update_graph = StepGraph(log=log) if cuda_graph else None
+        self.reduce_graph = StepGraph(log=log) if cuda_graph else None   # last micro-step, data parallel
         scratch = _op_scratch(config, batch_size, seq_len, self.dtype)
         self._open(Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype, scratch=scratch,
                                       master_weights=self.master_weights, recompute=self.recompute_gelu,
@@ -458,14 +464,24 @@ class GPUGPT(ArenaEngine, GPT):
     def backward(self, inp, targets, dloss: float, *, seed: int = 0):
         super().backward(self._stage("inp", inp), self._stage("targets", targets), dloss, seed=seed)
 
-    def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0):
+    def forward_backward(self, inp, targets, dloss: float, *, seed: int = 0, reducer=None):
         """One micro-step: forward, then backward (losses and parameter grads ACCUMULATE). With a CUDA
         graph, at the training shape, all but the encoder backward replays the captured step; the
-        encoder backward follows eagerly with this micro-step's seed (the same order as eager)."""
-        if self.graph is None or tuple(inp.shape) != (self.B, self.T):
-            self.forward(inp)
-            self.backward(inp, targets, dloss, seed=seed)
-            return
+        encoder backward follows eagerly with this micro-step's seed (the same order as eager).
+        reducer (llmpy/dist/overlap.py, data parallelism's last micro-step): its layer(l) is called as
+        soon as layer l's gradients are complete, to reduce them on its stream during the backward;
+        with graphs this micro-step is a graph of its own, which joins the reducer's stream at its end."""
+        self.layer_grads_done = None if reducer is None else reducer.layer
+        try:
+            if self.graph is None or tuple(inp.shape) != (self.B, self.T):
+                self.forward(inp)
+                self.backward(inp, targets, dloss, seed=seed)
+                return
+            self._graphed_micro_step(inp, targets, dloss, seed, reducer)
+        finally:
+            self.layer_grads_done = None
+
+    def _graphed_micro_step(self, inp, targets, dloss: float, seed: int, reducer):
         inp_d, tgt_d = self._stage("inp", inp), self._stage("targets", targets)
 
         def body():
@@ -473,10 +489,15 @@ class GPUGPT(ArenaEngine, GPT):
             try:
                 GPT.forward(self, inp_d)
                 GPT.backward(self, inp_d, tgt_d, dloss, seed=seed)
+                if reducer is not None:
+                    reducer.join()       # a capture must end with its forked streams joined
             finally:
                 self.ops = ops
 
-        self.graph.run(("micro-step", float(dloss)), body)
+        if reducer is None:
+            self.graph.run(("micro-step", float(dloss)), body)
+        else:
+            self.reduce_graph.run(("micro-step", float(dloss), id(reducer)), body)
         dresidual = self._acts[("grad", self.B, self.T)]["dresidual"]
         self.ops.encoder_backward(self.g["wte"], self.g["wpe"], dresidual, inp_d, seed=seed)
 

@@ -117,6 +117,7 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         self._acts, self._train_shape, self._closed, self.lt, self._prev_lt = {}, None, False, None, None
         self.graph = StepGraph(log=log) if cuda_graph else None
         self.update_graph = StepGraph(log=log) if cuda_graph else None
+        self.reduce_graph = None   # no per-layer reduction inside the backward (reduces_in_backward)
         self._open(Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype,
                                       master_weights=self.master_weights)), ops, params, tf32)
 
