@@ -91,8 +91,10 @@ def plan(work: Path, *, wheels: str = ".whl", site: Path = SITE, require: str = 
         Step("bench", 220, "tok/s at B=64 T=1024: llmpy eager, graph, flash, flash128, ge2, then torch.compile",
              [py, "scripts/bench_train.py", "--device", "cuda", "-B", "64", "-T", "1024", "--steps", "10",
               "--warmup", "3", "--out", str(work / "bench")]),
-        Step("ops", 0, "every op against NumPy, with the time left",
-             pytest_command(work / "ops.xml", "test_gpu_ops.py"), when="unless_ops_first_ran", junit=True),
+        Step("ops", 0, "every op against NumPy, then nanochat's ops and engine and 1-rank NCCL, with the time left",
+             pytest_command(work / "ops.xml", "test_gpu_ops.py", "test_gpu_nanochat_ops.py",
+                            "test_gpu_nanochat_model.py", "test_gpu_nanochat_engine.py", "test_dist.py"),
+             when="unless_ops_first_ran", junit=True),
     ]
 
 
