@@ -143,12 +143,15 @@ def save_model(path: str, cfg: GPTConfig, flat_params, *, dtype: str = "fp32") -
 # State files: slot numbers of the int32 header (uint64 values take two slots)
 
 SLOT_NUM_PROCESSES, SLOT_RANK, SLOT_MASTER, SLOT_SHUFFLE, SLOT_STEP = 2, 3, 4, 5, 10
+SLOT_ZERO_STAGE = 6    # llmpy's: ZeRO stage + 1 (0: not recorded, as in llm.c's files); llm.c leaves it zero
 SLOT_RNG, SLOT_RNG_LAST_UPDATE, SLOT_SHARD_IDX, SLOT_SAMPLE_IDX = 20, 22, 30, 32
 
 
 def save_state(path: str, *, step: int, m, v, master=None, rng_state: int, rng_state_last_update: int,
-               loader_state: dict | None = None, num_processes: int = 1, rank: int = 0) -> None:
+               loader_state: dict | None = None, num_processes: int = 1, rank: int = 0,
+               zero_stage: int | None = None) -> None:
     """Write an llm.c state file (optimizer moments, master weights, rng and loader state) atomically.
+    zero_stage (0 or 1, if given) is recorded in slot 6 as stage + 1, so `-y 1` can say which -z wrote it.
 
     `loader_state` is `DataLoader.state_dict()`; its permutations and generator are stored only
     when the loader shuffles (llm.c writes the shuffle section only then).
@@ -162,7 +165,8 @@ def save_state(path: str, *, step: int, m, v, master=None, rng_state: int, rng_s
     header = bytearray(HEADER_BYTES)
     for slot, value in ((0, STATE_MAGIC), (1, STATE_VERSION), (SLOT_NUM_PROCESSES, num_processes),
                         (SLOT_RANK, rank), (SLOT_MASTER, int(master is not None)),
-                        (SLOT_SHUFFLE, int(shuffle)), (SLOT_STEP, step)):
+                        (SLOT_SHUFFLE, int(shuffle)), (SLOT_STEP, step),
+                        (SLOT_ZERO_STAGE, 0 if zero_stage is None else zero_stage + 1)):
         struct.pack_into("<i", header, 4 * slot, value)
     for slot, value in ((SLOT_RNG, rng_state), (SLOT_RNG_LAST_UPDATE, rng_state_last_update),
                         (SLOT_SHARD_IDX, ls["current_shard_idx"]), (SLOT_SAMPLE_IDX, ls["current_sample_idx"])):
@@ -342,7 +346,7 @@ def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log
     another number of processes is an error, not damage. load(path) -> (config, params) reads the model
     (default: load_model; the trainer passes llmpy.families' loader, which also reads nanochat directories)."""
     load = load or load_model
-    from llmpy.dist.zero import check_world_size
+    from llmpy.dist.zero import check_world_size, check_zero_stage
     steps = done_steps(out_dir)
     if not steps:
         log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
@@ -352,6 +356,7 @@ def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log
         try:
             gpt_cfg, params = load(path)
             check_world_size(out_dir, step, comm)
+            check_zero_stage(out_dir, step, comm, zero_stage)
             # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
             numel = params.size // comm.size if zero_stage == 1 else params.size
             state = load_state(state_path(out_dir, step, comm.rank), num_parameters=numel,

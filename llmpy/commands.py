@@ -23,7 +23,7 @@ def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
     from llmpy.train import TrainConfig, model_factory, resolve_device
     device = resolve_device(device)
     if is_nanochat(path):
-        return load_for_inference(path, device, log=log)
+        return load_for_inference(path, device, batch_size=batch_size, seq_len=seq_len, log=log)
     cfg, params = load_model(path)
     log(f"model: {path} (L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
         f"V={cfg.vocab_size}), device: {device}")

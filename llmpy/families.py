@@ -133,7 +133,10 @@ def load_model_dir(path: str) -> tuple[NanoChatConfig, np.ndarray]:
         tensors = read_safetensors(weights)
     except (OSError, ValueError, KeyError) as e:
         raise LlmpyError(f"{weights}: cannot read: {e}") from None
-    return cfg, from_tensors(cfg, tensors, weights)
+    flat = from_tensors(cfg, tensors, weights)
+    from llmpy.checkpoint import require_finite
+    require_finite(f"{weights}: refusing a damaged model", parameters=flat)   # training and sampling alike
+    return cfg, flat
 
 
 # -------------------------------------------------------------------------------------------------
@@ -187,12 +190,18 @@ def build(cfg, params, tcfg, make_gpt, *, device: str = "cpu", log=print):
                     peak_lr=tcfg.learning_rate)
 
 
-def load_for_inference(path: str, device: str, *, log=print) -> NanoChat:
-    """The nanochat model of a checkpoint directory (or descriptor), for sampling and evaluation."""
+def load_for_inference(path: str, device: str, *, batch_size: int = 1, seq_len: int = 64, log=print):
+    """The nanochat model of a checkpoint directory (or descriptor), for sampling and evaluation: the CPU
+    model (NumPy, with a KV cache for sampling), or on 'cuda' the GPU engine planned for
+    (batch_size, seq_len) as GPT-2's is (llmpy/commands.py): no master weights, no CUDA graph."""
     cfg, params = load_nanochat(path)
-    if device != "cpu":
-        raise LlmpyError(f"-e {path}: nanochat models run on the CPU so far; use --device cpu")
-    import llmpy.cpu as ops
     log(f"model: {path} (nanochat n_layer={cfg.n_layer} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} "
         f"n_embd={cfg.n_embd} sequence_len={cfg.sequence_len} V={cfg.vocab_size}), device: {device}")
+    if device != "cpu":
+        from llmpy.gpu.nanochat_engine import build_engine
+        from llmpy.train import TrainConfig
+        tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.sequence_len),
+                           master_weights=0, cuda_graph=0)
+        return build_engine(cfg, params, tcfg, log=log)
+    import llmpy.cpu as ops
     return NanoChat(cfg, ops, params=params)

@@ -1,6 +1,6 @@
-"""Autoregressive sampling from a GPT model, llm.c-style: a fixed-seed xorshift coin per token. GPT-2 runs
-without a KV cache (a forward over the whole sequence per token); models that offer one (nanochat's,
-`model.kv_cache(max_len).feed(tokens)`) feed each new token once.
+"""Autoregressive sampling from a GPT model, llm.c-style: a fixed-seed xorshift coin per token. GPT-2 and
+the GPU engines run without a KV cache (a forward over the whole sequence per token); models that offer
+one (nanochat's CPU model, `model.kv_cache(max_len).feed(tokens)`) feed each new token once.
 
 With temperature 1 and no top-k this draws exactly as llm.c's trainer does: the first index whose running
 sum of probabilities exceeds a uniform coin. The coins come from llmpy.rng.XorShiftStar, so a given seed,
@@ -37,7 +37,7 @@ def generate(model, prompt: list[int], num_tokens: int, rng, *, temperature: flo
     cfg = model.config
     max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
     tokens = list(prompt)
-    if hasattr(model, "kv_cache"):       # models with a KV cache (llmpy/nanochat.py) feed only new tokens
+    if getattr(model, "kv_cache", None) is not None:   # with a KV cache (llmpy/nanochat.py): only new tokens
         return _generate_cached(model.kv_cache(max_len), tokens, num_tokens, rng, max_len,
                                 dict(temperature=temperature, top_k=top_k), on_token)
     pad = min(64, max_len)

@@ -596,7 +596,7 @@ def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, 
                                 dtype=model.checkpoint_dtype, m=state["m"], v=state["v"],
                                 master=state.get("master"), rng_state=rng_state,
                                 rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict(),
-                                rank=comm.rank, num_processes=comm.size, done=False)
+                                rank=comm.rank, num_processes=comm.size, zero_stage=cfg.zero_stage, done=False)
     comm.barrier()
     if comm.rank == 0:
         checkpoint.mark_done(cfg.output_dir, step)

@@ -267,8 +267,9 @@ def test_two_processes_match_one_process_with_the_whole_batch(stage, B, extra, d
 def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):
     """ZeRO-1 on 2 ranks, a checkpoint every 4 steps: the job is killed after step 4's checkpoint, `-y 1`
     replays steps 4..7 with the uninterrupted run's losses and writes the same model. Then `-y 1` on 3
-    processes is one line naming both counts, and when one rank's newest state file is bad every rank
-    falls back to the previous checkpoint (the rank names its file) and the run ends on the same model."""
+    processes, or with -z 0, is one line naming both counts (both stages), and when one rank's newest state
+    file is bad every rank falls back to the previous checkpoint (the rank names its file) and the run ends
+    on the same model."""
     import signal
     import time
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -302,6 +303,10 @@ def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip() == (f"llmpy train: error: -y 1: the checkpoint at step 8 in {whole} was written by 2 "
                                 "processes, this run has 3; resume with 2 (mpiexec -n 2 or -pn 2)")
+    r = run(train_args(data, whole, 2, 8, "-n", "4", "-z", "0", "-y", "1"), tmp_path, n=2)
+    assert r.returncode != 0                                # ZeRO-1's half-size state files under -z 0
+    assert r.stderr.strip() == (f"llmpy train: error: -y 1: the checkpoint at step 8 in {whole} was written with "
+                                "-z 1, this run has -z 0; resume with -z 1 (-z/--zero-stage)")
 
     state = killed / "state_00000008_00001.bin"
     state.write_bytes(state.read_bytes()[:-4])              # rank 1's file is cut short

@@ -171,10 +171,41 @@ def test_resume_through_the_master_weights_is_bit_exact(backend, optimizer):
     assert again == rest
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_engine_samples_as_the_cpu_model_does_through_its_kv_cache(backend, dtype):
+    """The engine has no KV cache: llmpy.sample.generate runs a forward per token over the sequence so
+    far (padded to 64 positions: the pool's shapes, not the arena's). fp32 draws the CPU model's tokens
+    (drawn through its NumPy KV cache); bf16 is compared by what sampling reads (review WRONG-2): the
+    capped next-token logits along the CPU's sample, within a bf16 budget of them."""
+    import ml_dtypes
+
+    from llmpy.sample import generate
+    cfg = NanoChatConfig(n_layer=2, n_head=4, n_kv_head=1, n_embd=64, vocab_size=100, sequence_len=96)
+    params = start_params(cfg)
+    ref = generate(NanoChat(cfg, llmpy.cpu, params=params), [cfg.vocab_size - 1], 24, XorShiftStar(42))
+    assert len(ref) == 25 and len(set(ref)) > 5                # a real sample, not one repeated token
+    seq = np.asarray([ref[:-1]], dtype=np.int32)               # what each sampling step read logits for
+    with engine(cfg, 1, 96, params, dtype=dtype, master_weights=False, cuda_graph=False) as gpu:
+        assert gpu.kv_cache is None
+        tokens = generate(gpu, [cfg.vocab_size - 1], 24, XorShiftStar(42))
+        logits = host(gpu.forward(seq)).reshape(1, len(ref) - 1, -1)[0, :, :cfg.vocab_size]
+    exact = NanoChat(cfg, llmpy.cpu, params=params).forward(seq)[0, :, :cfg.vocab_size]
+    if dtype == "fp32":
+        assert tokens == ref
+        np.testing.assert_allclose(logits, exact, rtol=0, atol=1e-4 * np.abs(exact).max())
+        return
+    assert len(tokens) == len(ref) and all(0 <= t < cfg.vocab_size for t in tokens)
+    rounded = params.astype(ml_dtypes.bfloat16).astype(np.float32)   # the engine's bf16 weights
+    lowp = NanoChat(cfg, llmpy.cpu, params=rounded).forward(seq)[0, :, :cfg.vocab_size]
+    err, weights_err = np.abs(logits - exact).max(), np.abs(lowp - exact).max()
+    assert 0 < err <= 4 * weights_err + 2.0 ** -7 * np.abs(exact).max(), (err, weights_err)
+
+
 def test_cli_trains_a_nanochat_model_on_the_gpu_engine_and_resumes_exactly(backend, tmp_path, monkeypatch, capsys):
     """`llmpy train --device cuda -e DIR --optimizer muon`: bf16 with CUDA graphs; steps 3..5 replayed
     after `-y 1` log the same losses and the final model file is byte-identical; the losses follow the
-    float32 CPU trainer's within llm.c's bf16 tolerance."""
+    float32 CPU trainer's within llm.c's bf16 tolerance; the run and `llmpy sample --device cuda` sample
+    on the engine."""
     import test_train
     from llmpy import families
     from llmpy.cli import main
@@ -186,11 +217,13 @@ def test_cli_trains_a_nanochat_model_on_the_gpu_engine_and_resumes_exactly(backe
     start = str(tmp_path / "start")
     families.save_model_dir(start, cfg, init_params(cfg))
     out = tmp_path / "run"
-    args = test_train.train_args(start, shards, out, 6, "-n", "3", "--optimizer", "muon", "--muon-lr", "0.05")
+    args = test_train.train_args(start, shards, out, 6, "-n", "3", "--optimizer", "muon", "--muon-lr", "0.05",
+                                 "-s", "6", "-g", "9")
     args[args.index("--device") + 1] = "cuda"
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "device: cuda" in printed and "precision: bf16" in printed and "optimizer muon" in printed
+    assert printed.count("generating:\n---\n") == 1           # the last step's sample, from the engine
     first = test_train.logged(out, "train")
     assert [s for s, _ in first] == list(range(6)) and first[-1][1] < first[0][1]
     final = (out / "model_00000006" / "model.safetensors").read_bytes()
@@ -203,3 +236,8 @@ def test_cli_trains_a_nanochat_model_on_the_gpu_engine_and_resumes_exactly(backe
     assert main(cpu_args) == 0
     cpu_losses = [loss for _, loss in test_train.logged(tmp_path / "cpu", "train")]
     np.testing.assert_allclose([loss for _, loss in first], cpu_losses, atol=0.05)
+
+    # `llmpy sample --device cuda` on the directory the run wrote: the engine at B=1, 8 tokens after the prompt
+    assert main(["sample", "-e", str(out / "model_00000006"), "--device", "cuda", "-n", "8"]) == 0
+    text = capsys.readouterr()
+    assert "device: cuda" in text.err and text.out.endswith("\n") and len(text.out.strip()) > 0

@@ -284,3 +284,17 @@ def check_world_size(out_dir: str, step: int, comm: Communicator) -> None:
         raise RankAgreedError(f"-y 1: the checkpoint at step {step} in {out_dir} was written by {written} "
                               f"process{'es' if written != 1 else ''}, this run has {comm.size}; resume with "
                               f"{written} (mpiexec -n {written} or -pn {written})", rank=comm.rank)
+
+
+def check_zero_stage(out_dir: str, step: int, comm: Communicator, zero_stage: int) -> None:
+    """-y 1 on several processes resumes only with the -z that wrote the checkpoint: stage 1's state files
+    hold each rank's 1/P share of m and v, stage 0's hold all of them. One line, by rank 0, naming both.
+    (One process keeps everything under either stage, in the same order, so it may switch.)"""
+    from llmpy import checkpoint
+    from llmpy.data import read_header
+    header, _ = read_header(checkpoint.state_path(out_dir, step, 0), "state file")   # every rank reads the same file
+    written = int(header[checkpoint.SLOT_ZERO_STAGE]) - 1     # -1: not recorded (llm.c, older llmpy)
+    if comm.size > 1 and written >= 0 and written != zero_stage:
+        raise RankAgreedError(f"-y 1: the checkpoint at step {step} in {out_dir} was written with -z {written}, "
+                              f"this run has -z {zero_stage}; resume with -z {written} (-z/--zero-stage)",
+                              rank=comm.rank)

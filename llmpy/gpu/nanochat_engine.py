@@ -121,6 +121,10 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         self._open(Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype,
                                       master_weights=self.master_weights)), ops, params, tf32)
 
+    # the CPU model's KV cache is NumPy; the engine samples as GPT-2's does (llmpy/sample.py): a forward
+    # over the sequence so far, padded to a multiple of 64 positions, per generated token
+    kv_cache = None
+
     def _bind(self, ops, tf32: bool):
         """Arena views (zeroed) for every buffer; the RoPE tables; the engine's cuBLASLt handle."""
         from llmpy.cpu.rope import rope_tables
