@@ -176,7 +176,8 @@ def test_engine_samples_as_the_cpu_model_does_through_its_kv_cache(backend, dtyp
     """The engine has no KV cache: llmpy.sample.generate runs a forward per token over the sequence so
     far (padded to 64 positions: the pool's shapes, not the arena's). fp32 draws the CPU model's tokens
     (drawn through its NumPy KV cache); bf16 is compared by what sampling reads (review WRONG-2): the
-    capped next-token logits along the CPU's sample, within a bf16 budget of them."""
+    capped next-token logits along the CPU's sample, within a bf16 budget of them. fp32 also gives the CPU
+    model's HellaSwag completion losses."""
     import ml_dtypes
 
     from llmpy.sample import generate
@@ -193,6 +194,16 @@ def test_engine_samples_as_the_cpu_model_does_through_its_kv_cache(backend, dtyp
     if dtype == "fp32":
         assert tokens == ref
         np.testing.assert_allclose(logits, exact, rtol=0, atol=1e-4 * np.abs(exact).max())
+        # HellaSwag's completion losses (the trainer's other inference path) at the training shape (4, 32)
+        from llmpy.hellaswag import Example, completion_losses
+        rng = np.random.default_rng(5)
+        examples = [Example.make(i, i % 4, rng.integers(0, cfg.vocab_size, size=3 + 2 * i),
+                                 [rng.integers(0, cfg.vocab_size, size=1 + (i + c) % 5) for c in range(4)])
+                    for i in range(5)]
+        want, _ = completion_losses(NanoChat(cfg, llmpy.cpu, params=params), examples, 4, 32)
+        with engine(cfg, 4, 32, params, dtype=dtype, master_weights=False, cuda_graph=False) as gpu:
+            got, _ = completion_losses(gpu, examples, 4, 32)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
         return
     assert len(tokens) == len(ref) and all(0 <= t < cfg.vocab_size for t in tokens)
     rounded = params.astype(ml_dtypes.bfloat16).astype(np.float32)   # the engine's bf16 weights
