@@ -350,7 +350,7 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     if resume is not None:
         gpt_cfg, params = resume.gpt_cfg, resume.params
     else:
-        gpt_cfg, params = load(cfg.model or "d12")
+        gpt_cfg, params = comm.agree(load, cfg.model or "d12")   # a bad -e or flag: one line, every rank
     if cfg.seq_len > gpt_cfg.max_seq_len:
         raise LlmpyError(f"-t/--seq-len {cfg.seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
     plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, comm, log)

@@ -66,6 +66,31 @@ def fail_on_rank_1():
 
 
 
+def agree():
+    """Communicator.agree: a result on every rank when nothing fails; one RankAgreedError on every rank
+    when any rank's step raises (quiet on ranks > 0), with rank 0 carrying its own or a pointer."""
+    from llmpy.dist.comm import RankAgreedError
+    from llmpy.dist.mpi import MpiComm
+    from llmpy.errors import LlmpyError
+    comm = MpiComm()
+    r = comm.rank
+
+    def step(failing):
+        if r in failing:
+            raise LlmpyError(f"-e model_{r}.bin: no such file")
+        return 10 + r
+
+    seen = {"none": comm.agree(step, ())}
+    for case, failing in (("all", (0, 1)), ("rank1", (1,))):
+        try:
+            comm.agree(step, failing)
+            seen[case] = "no error"
+        except RankAgreedError as e:
+            seen[case] = [str(e), e.quiet]
+    comm.barrier()
+    print(json.dumps(seen), flush=True)
+
+
 def emulated_gpu_train(library, *argv):
     """`llmpy train --device cuda ...` on the kernel emulator (library: its built .so), NCCL replaced by
     tests/emu_nccl.py. Under mpiexec the ranks meet over MPI and reduce over the stand-in; rank 0 writes
@@ -182,5 +207,5 @@ def emulated_overlap(library, out):
 
 if __name__ == "__main__":
     cases = {"collectives": collectives, "bootstrap": bootstrap, "fail_on_rank_1": fail_on_rank_1,
-             "emulated_gpu_train": emulated_gpu_train, "emulated_overlap": emulated_overlap}
+             "agree": agree,             "emulated_gpu_train": emulated_gpu_train, "emulated_overlap": emulated_overlap}
     cases[sys.argv[1]](*sys.argv[2:])

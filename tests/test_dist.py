@@ -210,6 +210,21 @@ def test_a_failing_rank_ends_the_job(tmp_path):
             in r.stderr), r.stderr
 
 
+def test_a_step_that_fails_on_any_rank_fails_on_every_rank_with_one_line(tmp_path):
+    """Communicator.agree (the model load and its flag checks): all ranks failing alike leave rank 0's
+    line only; one rank failing says its own line and every rank ends, none hangs or aborts."""
+    r = run([os.path.join(TESTS, "dist_worker.py"), "agree"], tmp_path, n=2, timeout=60)
+    assert r.returncode == 0, r.stderr
+    seen = [json.loads(line) for line in r.stdout.splitlines()]
+    by_rank = {s["none"] - 10: s for s in seen}
+    assert sorted(by_rank) == [0, 1]
+    assert by_rank[0]["all"] == ["-e model_0.bin: no such file", False]
+    assert by_rank[1]["all"] == ["-e model_1.bin: no such file", True]
+    assert by_rank[0]["rank1"] == ["failed on another rank (its line is above)", False]
+    assert by_rank[1]["rank1"] == ["-e model_1.bin: no such file", True]
+    assert r.stderr.count("llmpy train: rank 1: -e model_1.bin: no such file") == 1, r.stderr
+
+
 # -------------------------------------------------------------------------------------------------
 # The trainer on two processes: `mpiexec -n 2 python -m llmpy train --device cpu ...`
 
@@ -262,6 +277,34 @@ def test_two_processes_match_one_process_with_the_whole_batch(stage, B, extra, d
     np.testing.assert_allclose(final_params(tmp_path / "two", 6), final_params(tmp_path / "one", 6), atol=1e-5, rtol=0)
     assert sorted(p for p in os.listdir(tmp_path / "two") if p.startswith("state_")) == \
         ["state_00000006_00000.bin", "state_00000006_00001.bin"]
+
+
+def test_nanochat_on_two_processes_matches_one_process(data, tmp_path):
+    """The second model family through the same communicator: a nanochat model with Muon on 2 ranks x B=2
+    (-z 0) logs the losses of 1 rank x B=4 and ends on the same checkpoint directory's weights; -z 1 is
+    one line (Muon's whole-matrix sharding is not built: llmpy/nanochat.py)."""
+    from llmpy import families
+    from llmpy.cli import main
+    from llmpy.nanochat import NanoChatConfig, init_params
+    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
+    start = str(tmp_path / "start")
+    families.save_model_dir(start, cfg, init_params(cfg))
+    model_data = (start,) + data[1:]
+    muon = ("--optimizer", "muon", "--muon-lr", "0.05", "-n", "6")
+    assert main(train_args(model_data, tmp_path / "one", 4, 6, *muon)[2:]) == 0
+    r = run(train_args(model_data, tmp_path / "two", 2, 6, *muon), tmp_path, n=2)
+    assert r.returncode == 0, r.stderr
+    assert "data parallel: 2 processes (mpi), ZeRO stage 0" in r.stdout
+    for split in ("train", "val"):
+        one, two = logged(tmp_path / "one", split), logged(tmp_path / "two", split)
+        assert [s for s, _ in two] == [s for s, _ in one] and len(one) == (6 if split == "train" else 3)
+        np.testing.assert_allclose([x for _, x in two], [x for _, x in one], atol=1e-5, rtol=0)
+    weights = [families.load_model_dir(str(tmp_path / d / "model_00000006"))[1] for d in ("one", "two")]
+    np.testing.assert_allclose(weights[1], weights[0], atol=1e-5, rtol=0)
+    assert not np.array_equal(weights[0], init_params(cfg))
+    r = run(train_args(model_data, tmp_path / "z1", 2, 6, *muon, "-z", "1"), tmp_path, n=2)
+    assert r.returncode != 0 and r.stderr.strip() == \
+        "llmpy train: error: -z/--zero-stage 1: nanochat models train with -z 0 so far"
 
 
 def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):

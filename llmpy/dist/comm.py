@@ -69,6 +69,24 @@ class Communicator:
     def describe(self) -> str:
         return f"{self.name}: rank {self.rank} of {self.size} (local rank {self.local_rank})"
 
+    def agree(self, fn, *args):
+        """fn(*args) on every rank, for a step with no collective inside (loading and checking the model):
+        when it raises LlmpyError on any rank, every rank raises one RankAgreedError instead, so the job
+        ends with rank 0's line and no abort (when only some ranks failed, each of them prints its own
+        line first)."""
+        try:
+            result, problem = fn(*args), None
+        except RankAgreedError:
+            raise
+        except LlmpyError as e:
+            result, problem = None, str(e)
+        failed = self.sum_host(1.0 if problem else 0.0)
+        if failed > 0:
+            if problem and self.rank > 0 and failed < self.size:   # not all alike: this rank says its own
+                print(f"llmpy train: rank {self.rank}: {problem}", file=sys.stderr, flush=True)
+            raise RankAgreedError(problem or "failed on another rank (its line is above)", rank=self.rank)
+        return result
+
     def abort(self, message: str, code: int = 1):
         """Report `message` for this rank and end the whole job (a rank that fails must not leave the
         others waiting in a collective). The base version exits this process only."""
