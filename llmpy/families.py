@@ -26,7 +26,7 @@ import numpy as np
 
 from llmpy.errors import LlmpyError
 from llmpy.model import carve
-from llmpy.nanochat import NanoChat, NanoChatConfig, init_params, num_parameters, param_shapes
+from llmpy.nanochat import MATRICES, NanoChat, NanoChatConfig, init_params, num_parameters, param_shapes
 
 PREFIX = "nanochat:"
 CONFIG_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len")
@@ -162,14 +162,22 @@ def load_checked(spec: str, tcfg, device: str, load_gpt) -> tuple:
             raise LlmpyError(f"--optimizer {tcfg.optimizer} trains nanochat models (-e nanochat:dN or a "
                              "nanochat directory); GPT-2 trains with adamw")
         return load_gpt(spec)
-    if tcfg.zero_stage > 0:   # ZeRO-1 slices GPT-2's tensors; Muon needs whole matrices (llmpy/nanochat.py)
-        raise LlmpyError(f"-z/--zero-stage {tcfg.zero_stage}: nanochat models train with -z 0 so far")
     cfg, params = load_nanochat(spec)
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")
     from llmpy.checkpoint import require_finite
     require_finite(f"{spec}: refusing a damaged model", parameters=params)
     return cfg, params
+
+
+def zero_layout(cfg, optimizer: str) -> tuple:
+    """(shapes, unstacked, by_layer) of the model ZeRO-1 will shard (llmpy/dist/zero.py), from its config:
+    the tensors of one slice each, and those sharded by whole layers (Muon's block matrices)."""
+    if isinstance(cfg, NanoChatConfig):
+        return param_shapes(cfg), NanoChat.unstacked, MATRICES if optimizer == "muon" else ()
+    from llmpy.model import GPT
+    from llmpy.model import param_shapes as gpt_shapes
+    return gpt_shapes(cfg), GPT.unstacked, ()
 
 
 def build(cfg, params, tcfg, make_gpt, *, device: str = "cpu", log=print):

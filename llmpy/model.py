@@ -177,6 +177,7 @@ class FlatParamModel:
     A subclass calls _init_flat and provides acts(B, T) with a "losses" entry."""
 
     checkpoint_dtype = "fp32"   # CPU models are saved in float32
+    unstacked: tuple = ()       # tensors that are one piece each under ZeRO-1; the rest are (L, ...) stacks
 
     def _init_flat(self, config, ops, shapes: dict, dtype, params):
         """The flat parameter buffer (a copy of `params` when given) and its views `p`; empty state."""
@@ -193,6 +194,24 @@ class FlatParamModel:
         self.norm = self.xp.zeros(1, dtype=np.float32)
         self._acts = {}
         self._train_shape = None
+
+    # ---- the optimizer, tensor by tensor (ZeRO-1 runs it on this rank's pieces: llmpy/dist/zero.py) ---
+    def decays(self, name: str) -> bool:
+        """Whether AdamW's weight decay applies to tensor `name`."""
+        return True
+
+    def shard_by_layer(self, name: str) -> bool:
+        """ZeRO-1: True when the tensor's optimizer needs whole per-layer matrices (Muon), so that each rank
+        owns whole layers of it instead of a piece of every layer."""
+        return False
+
+    def tensor_update(self, name: str, param, m, v, grad, *, lr, beta1, beta2, eps, weight_decay, t,
+                      grad_scale=1.0, master=None, seed=0):
+        """The optimizer step of tensor `name` on (a piece of) it, in place: AdamW with the family's
+        weight-decay rule."""
+        self.ops.adamw_update(param, m, v, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, t=t,
+                              grad_scale=grad_scale, weight_decay=weight_decay if self.decays(name) else 0.0,
+                              master=master, seed=seed)
 
     def _moments(self) -> tuple[dict, dict]:
         """Views of m and v per tensor, allocated (zero) on first use."""
@@ -272,6 +291,10 @@ class GPT(FlatParamModel):
     flash_attention = False  # --flash-attention (GPU engine, bf16, head size 64): the fused attention ops
     layer_grads_done = None  # callable(l): layer l's parameter gradients are complete (the GPU engine's
                              # data parallelism reduces them there while backward goes on, llm.c style)
+    unstacked = ("wte", "wpe", "lnfw", "lnfb")   # the rest are (L, ...) stacks
+
+    def decays(self, name: str) -> bool:
+        return name in DECAYED     # the 2-D matrices; not biases or layernorm parameters
 
     def __init__(self, config: GPTConfig, ops, *, dtype="float32", params=None):
         self._init_flat(config, ops, param_shapes(config), dtype, params)
@@ -404,8 +427,7 @@ class GPT(FlatParamModel):
         seeds: one uint32 per tensor for stochastic rounding (ignored by fp32 backends)."""
         m, v = self._moments()
         for i, name in enumerate(self.shapes):
-            self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=eps, t=t, grad_scale=grad_scale,
-                                  weight_decay=weight_decay if name in DECAYED else 0.0,
-                                  seed=0 if seeds is None else int(seeds[i]))
+            self.tensor_update(name, self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
+                               beta2=beta2, eps=eps, t=t, grad_scale=grad_scale, weight_decay=weight_decay,
+                               seed=0 if seeds is None else int(seeds[i]))
 

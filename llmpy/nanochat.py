@@ -29,11 +29,11 @@ Optimizers (`optimizer="adamw" | "muon"`): AdamW on every tensor (all are matric
 decay), or Muon (llmpy/cpu/muon.py) on the six per-layer matrix stacks and AdamW on wte and lm_head.
 Muon's learning rate is `muon_lr` times the schedule's factor lr / peak_lr. Both keep their state in the
 flat m and v of llm.c's state file: Muon's momentum in m, v zero, so checkpoints and exact resume are
-unchanged. Under ZeRO-1 (llmpy/dist/zero.py slices every tensor per layer across ranks) the AdamW
-tensors shard as GPT-2's do; Muon needs whole matrices, so its stacks would be sharded by layer instead
-(rank r owns layers r, r + N, ...: it reduce-scatters those layers' gradients, orthogonalises and
-updates whole matrices and all-gathers them), as nanochat's DistMuon and modded-nanogpt's parameter
-banks do. That scheme is documented here and not built yet.
+unchanged. Under ZeRO-1 (llmpy/dist/zero.py) the AdamW tensors shard as GPT-2's do (a piece of every
+layer per rank); Muon needs whole matrices, so its stacks shard by layer (rank r owns layers r, r + N, ...:
+it gets those layers' averaged gradients from one reduce-scatter per N layers, orthogonalises and updates
+whole matrices, and one all-gather per N layers brings every rank the result), as nanochat's DistMuon
+and modded-nanogpt's parameter banks do; n_layer must divide by the number of processes.
 """
 from __future__ import annotations
 
@@ -161,6 +161,8 @@ def grad_act_shapes(cfg: NanoChatConfig, B: int, T: int) -> dict[str, tuple[int,
 class NanoChat(FlatParamModel):
     """nanochat's GPT on a backend `ops` (llmpy.cpu): flat parameters, gradients and optimizer state, and
     the methods the trainer calls on llmpy.model.GPT."""
+
+    unstacked = ADAMW_ONLY    # under ZeRO-1 one piece each; the block matrices are (L, rows, cols) stacks
 
     def __init__(self, config: NanoChatConfig, ops, *, params=None, optimizer: str = "adamw",
                  muon_lr: float = 0.02, peak_lr: float = 3e-4):
@@ -297,12 +299,28 @@ class NanoChat(FlatParamModel):
         del seeds
         m, v = self._moments()
         for name in self.shapes:
-            if self.optimizer == "muon" and name in MATRICES:
-                self.ops.muon_update(self.p[name], m[name], self.g[name], lr=self.muon_lr * lr / self.peak_lr,
-                                     grad_scale=grad_scale)
-            else:
-                self.ops.adamw_update(self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
-                                      beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
+            self.tensor_update(name, self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
+                               beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
+
+    def shard_by_layer(self, name: str) -> bool:
+        return self.optimizer == "muon" and name in MATRICES
+
+    def tensor_update(self, name: str, param, m, v, grad, *, lr, beta1, beta2, eps, weight_decay, t,
+                      grad_scale=1.0, master=None, seed=0):
+        """Muon on the block matrices (param: whole layers of the stack, any shape holding them) at
+        muon_lr times the schedule's factor; AdamW (weight decay on every tensor) on the others."""
+        if not self.shard_by_layer(name):
+            super().tensor_update(name, param, m, v, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, t=t,
+                                  weight_decay=weight_decay, grad_scale=grad_scale, master=master, seed=seed)
+            return
+        shape = (-1,) + tuple(self.shapes[name][1:])
+        gpu = self._muon_buffers() | ({} if master is None else dict(master=master.reshape(shape), seed=seed))
+        self.ops.muon_update(param.reshape(shape), m.reshape(shape), grad.reshape(shape),
+                             lr=self.muon_lr * lr / self.peak_lr, grad_scale=grad_scale, **gpu)
+
+    def _muon_buffers(self) -> dict:
+        """Preallocated scratch for the backend's muon_update (the GPU engine's arena); none on the CPU."""
+        return {}
 
     def load_optimizer_state(self, state: dict):
         """Restore m and v from a state file, refusing one written by the other optimizer."""

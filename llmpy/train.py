@@ -25,6 +25,7 @@ from llmpy.data import DataLoader, find_val_split
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT, GPTConfig
 from llmpy.dist.comm import RankAgreedError
+from llmpy.dist.zero import check_zero_layout
 from llmpy.rng import XorShiftStar, init_params
 from llmpy.rundir import Interrupted, OutputDir, SignalStop, config_record, new_run_dir, os_error, report_run
 
@@ -81,8 +82,8 @@ class TrainConfig:
     master_weights: int = flag("-w", 1, "1: keep fp32 master weights (GPU bf16)", choices=(0, 1))
     gelu_fusion: int = flag("-ge", 0, "0: separate GELU, 1: fused into the forward matmul, 2: also backward",
                             choices=(0, 1, 2))
-    zero_stage: int = flag("-z", 0, "ZeRO stage: 0 all-reduces gradients, 1 also shards AdamW state over the ranks",
-                           choices=(0, 1, 2, 3))
+    zero_stage: int = flag("-z", 0, "ZeRO stage: 0 all-reduces gradients, 1 also shards the optimizer state "
+                           "over the ranks", choices=(0, 1, 2, 3))
     recompute: int = flag("-r", 1, "0: keep GELU outputs, 1: recompute GELU in backward (GPU)", choices=(0, 1))
     log_gpu_every: int = flag("-lg", -1, "print device memory use every N steps (-1: never)")
     device: str = flag("", "auto", "where to train", choices=("auto", "cpu", "cuda"))
@@ -353,6 +354,7 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
         gpt_cfg, params = comm.agree(load, cfg.model or "d12")   # a bad -e or flag: one line, every rank
     if cfg.seq_len > gpt_cfg.max_seq_len:
         raise LlmpyError(f"-t/--seq-len {cfg.seq_len} exceeds the model's max_seq_len {gpt_cfg.max_seq_len}")
+    check_zero_layout(cfg.zero_stage, families.zero_layout(gpt_cfg, cfg.optimizer), comm)   # -z 1 splits evenly
     plan = plan_data(cfg, gpt_cfg, train_pat, val_pat, comm, log)
 
     # -o: from here on this run owns it (rank 0 holds the lock and claims the folder for every rank)

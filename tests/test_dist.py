@@ -5,7 +5,9 @@ multi-process trainer (llm.c's data offsets make the rows identical, so losses a
 rounding); the uninterrupted run for kill-and-resume. Multi-process cases run `mpiexec -n N` (MPICH
 from the `dist` extra) in a subprocess with a timeout, so a hang fails the test instead of the suite.
 """
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -69,6 +71,29 @@ def test_shards_cover_every_slice_once_in_llmc_order(world):
                         for i in [list(shapes).index(name)])
         assert pieces[0][0] == 0 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
         assert pieces[-1][1] == layouts[0][list(shapes).index(name)].size
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_muon_shards_own_whole_layers_round_robin(world):
+    """Tensors sharded by layer (Muon's): rank r holds layers r, r + N, ... whole, every layer on exactly
+    one rank; the other tensors keep llm.c's piece of every layer; each rank's state is 1/N of the model."""
+    from llmpy.nanochat import ADAMW_ONLY, MATRICES, NanoChatConfig
+    from llmpy.nanochat import param_shapes as nanochat_shapes
+    shapes = nanochat_shapes(NanoChatConfig(n_layer=4, n_head=2, n_kv_head=1, n_embd=64, vocab_size=128,
+                                            sequence_len=32))
+    layouts = [shard_layout(shapes, r, world, unstacked=ADAMW_ONLY, by_layer=MATRICES) for r in range(world)]
+    total = sum(math.prod(s) for s in shapes.values())
+    for r, layout in enumerate(layouts):
+        by_name = {s.name: s for s in layout}
+        assert sum(len(s.held) * s.piece for s in layout) == total // world
+        for name in MATRICES:
+            assert by_name[name].owned == tuple(range(r, 4, world)) and by_name[name].piece == by_name[name].size
+        for name in ADAMW_ONLY:
+            assert by_name[name].layers == 1 and not by_name[name].owned
+    for name in MATRICES:
+        assert sorted(l for layout in layouts for s in layout if s.name == name for l in s.held) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="tensor c_q: 4 layers of whole matrices .Muon. do not split over 3 ranks"):
+        shard_layout({k: shapes[k] for k in MATRICES}, 0, 3, unstacked=ADAMW_ONLY, by_layer=MATRICES)
 
 
 def test_shards_refuse_an_uneven_split():
@@ -279,22 +304,24 @@ def test_two_processes_match_one_process_with_the_whole_batch(stage, B, extra, d
         ["state_00000006_00000.bin", "state_00000006_00001.bin"]
 
 
-def test_nanochat_on_two_processes_matches_one_process(data, tmp_path):
-    """The second model family through the same communicator: a nanochat model with Muon on 2 ranks x B=2
-    (-z 0) logs the losses of 1 rank x B=4 and ends on the same checkpoint directory's weights; -z 1 is
-    one line (Muon's whole-matrix sharding is not built: llmpy/nanochat.py)."""
-    from llmpy import families
+@pytest.mark.parametrize("optimizer,stage", [("muon", 0), ("muon", 1), ("adamw", 1)])
+def test_nanochat_on_two_processes_matches_one_process(optimizer, stage, data, tmp_path):
+    """The second model family through the same communicator: a nanochat model on 2 ranks x B=2 logs the
+    losses of 1 rank x B=4 and ends on the same weights. Under -z 1 AdamW's tensors shard a piece of
+    every layer per rank, Muon's block matrices whole layers per rank (layer l on rank l % 2), and each
+    rank's state file holds half of m and v."""
+    from llmpy import checkpoint, families
     from llmpy.cli import main
-    from llmpy.nanochat import NanoChatConfig, init_params
+    from llmpy.nanochat import NanoChatConfig, init_params, num_parameters
     cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
     start = str(tmp_path / "start")
     families.save_model_dir(start, cfg, init_params(cfg))
     model_data = (start,) + data[1:]
-    muon = ("--optimizer", "muon", "--muon-lr", "0.05", "-n", "6")
-    assert main(train_args(model_data, tmp_path / "one", 4, 6, *muon)[2:]) == 0
-    r = run(train_args(model_data, tmp_path / "two", 2, 6, *muon), tmp_path, n=2)
+    flags = ("--optimizer", optimizer, "--muon-lr", "0.05", "-n", "6")
+    assert main(train_args(model_data, tmp_path / "one", 4, 6, *flags)[2:]) == 0
+    r = run(train_args(model_data, tmp_path / "two", 2, 6, *flags, "-z", str(stage)), tmp_path, n=2)
     assert r.returncode == 0, r.stderr
-    assert "data parallel: 2 processes (mpi), ZeRO stage 0" in r.stdout
+    assert f"data parallel: 2 processes (mpi), ZeRO stage {stage}" in r.stdout
     for split in ("train", "val"):
         one, two = logged(tmp_path / "one", split), logged(tmp_path / "two", split)
         assert [s for s, _ in two] == [s for s, _ in one] and len(one) == (6 if split == "train" else 3)
@@ -302,9 +329,18 @@ def test_nanochat_on_two_processes_matches_one_process(data, tmp_path):
     weights = [families.load_model_dir(str(tmp_path / d / "model_00000006"))[1] for d in ("one", "two")]
     np.testing.assert_allclose(weights[1], weights[0], atol=1e-5, rtol=0)
     assert not np.array_equal(weights[0], init_params(cfg))
-    r = run(train_args(model_data, tmp_path / "z1", 2, 6, *muon, "-z", "1"), tmp_path, n=2)
-    assert r.returncode != 0 and r.stderr.strip() == \
-        "llmpy train: error: -z/--zero-stage 1: nanochat models train with -z 0 so far"
+    n = num_parameters(cfg) // (2 if stage == 1 else 1)
+    for rank in (0, 1):
+        state = checkpoint.load_state(checkpoint.state_path(str(tmp_path / "two"), 6, rank), num_parameters=n)
+        assert state["m"].size == n and np.abs(state["m"]).max() > 0
+    if (optimizer, stage) == ("muon", 1):   # 3 layers do not go whole to 2 ranks: one line, -o untouched
+        odd, three = str(tmp_path / "odd"), dataclasses.replace(cfg, n_layer=3)
+        families.save_model_dir(odd, three, init_params(three))
+        r = run(train_args((odd,) + data[1:], tmp_path / "three", 2, 6, *flags, "-z", "1"), tmp_path, n=2)
+        assert r.returncode != 0 and r.stderr.strip() == (
+            "llmpy train: error: -z 1 over 2 processes: tensor c_q: 3 layers of whole matrices (Muon) do not split "
+            "over 2 ranks; use -z 0 or another process count"), r.stderr
+        assert not (tmp_path / "three").exists()
 
 
 def test_two_processes_resume_exactly_after_a_kill(data, tmp_path):
@@ -396,14 +432,15 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
         flags = train_flags(small_vocab_data, tmp_path / out, B, 4, "-n", "4", "-v", "2", *extra)
         r = run(worker + flags, tmp_path, n=n, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-    assert "data parallel: 2 processes (nccl), ZeRO stage 1; AdamW state" in r.stdout
-    assert "; ZeRO-1 AdamW state 0.2 MiB on this rank (saves 0.2 MiB)" in r.stdout    # memory_report
+    assert "data parallel: 2 processes (nccl), ZeRO stage 1; optimizer state" in r.stdout
+    assert "; ZeRO-1 optimizer state 0.2 MiB on this rank (saves 0.2 MiB)" in r.stdout    # memory_report
     assert "adam_m" not in r.stdout and "master" not in r.stdout.split("memory: arena")[1].split(";")[0]
     calls = {(c, dt, op): k for c, dt, op, k in json.load(open(tmp_path / "two" / "nccl_calls.json"))}
     per_step = 2 * 12 + 4                  # 12 per-layer tensors x 2 layers + wte, wpe, lnfw, lnfb
     assert calls == {("reduceScatter", "bfloat16", 4): 4 * per_step, ("allGather", "bfloat16", None): 4 * per_step,
-                     ("allReduce", "float32", 0): 17}, calls   # host sums: 4 x (loss, norm), 3 val, 1 barrier,
-    # and at each of the 5 step boundaries the ranks agree whether a signal asks them to stop (llmpy.rundir)
+                     ("allReduce", "float32", 0): 18}, calls   # host sums: 4 x (loss, norm), 3 val, 1 barrier,
+    # at each of the 5 step boundaries the ranks agree whether a signal asks them to stop (llmpy.rundir),
+    # and once whether every rank loaded the model (Communicator.agree)
     replicas = [json.load(open(tmp_path / "two" / f"params_rank{r}.json")) for r in (0, 1)]
     assert len(replicas[0]) == 4 and replicas[0] == replicas[1], "the ranks' bf16 parameters differ"
     from llmpy.cli import main
@@ -413,6 +450,43 @@ def test_emulated_gpu_engine_on_two_ranks_with_zero_1(emulator_library, small_vo
         assert len(two) == len(one) == len(cpu) > 0
         assert np.abs(two - one).max() <= 2 * np.abs(one - cpu).max() + 1e-6, (split, one, two, cpu)
     cpu, one, two = (final_params(tmp_path / d, 4) for d in ("cpu", "one", "two"))
+    assert np.abs(two - one).max() <= 2 * np.abs(one - cpu).max()
+
+
+@pytest.mark.slow
+def test_emulated_nanochat_engine_on_two_ranks_with_zero_1_and_muon(emulator_library, small_vocab_data, tmp_path):
+    """The nanochat GPU engine (bf16, master weights, Muon) on 2 emulated ranks with ZeRO-1: no m, v or
+    master in the arena, Muon's block matrices updated whole on the rank owning their layer (one
+    reduce-scatter and one all-gather per tensor for the 2 layers), the replicas bit-identical after
+    every update, and the run within the bf16 budget of the 1-rank engine (as the GPT-2 twin above)."""
+    from llmpy import families
+    from llmpy.cli import main
+    from llmpy.nanochat import NanoChatConfig, init_params
+    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=250, sequence_len=64)
+    start = str(tmp_path / "start")
+    families.save_model_dir(start, cfg, init_params(cfg))
+    model_data = (start,) + small_vocab_data[1:]
+    muon = ("--optimizer", "muon", "--muon-lr", "0.05", "-n", "4", "-v", "2")
+    worker = [os.path.join(TESTS, "dist_worker.py"), "emulated_gpu_train", str(emulator_library)]
+    for out, n, B, extra in (("one", None, 4, []), ("two", 2, 2, ["-z", "1", "-lg", "4"])):
+        r = run(worker + train_flags(model_data, tmp_path / out, B, 4, *muon, *extra), tmp_path, n=n, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "data parallel: 2 processes (nccl), ZeRO stage 1; optimizer state" in r.stdout
+    assert "adam_m" not in r.stdout and "master" not in r.stdout.split("memory: arena")[1].split(";")[0]
+    calls = {(c, dt, op): k for c, dt, op, k in json.load(open(tmp_path / "two" / "nccl_calls.json"))}
+    per_step = 2 + 6     # wte and lm_head: one slice each; the 6 Muon stacks: one run of 2 layers each
+    assert calls[("reduceScatter", "bfloat16", 4)] == calls[("allGather", "bfloat16", None)] == 4 * per_step, calls
+    replicas = [json.load(open(tmp_path / "two" / f"params_rank{r}.json")) for r in (0, 1)]
+    assert len(replicas[0]) == 4 and replicas[0] == replicas[1], "the ranks' bf16 parameters differ"
+    assert main(train_args(model_data, tmp_path / "cpu", 4, 4, *muon)[2:]) == 0
+    # budget: twice the 1-rank engine's distance from fp32, or 1e-4 relative (bf16's unit roundoff is 4e-3):
+    # the per-layer Muon launches of ZeRO-1 round stochastically with other slice indices than one batched launch
+    for split in ("train", "val"):
+        cpu, one, two = (np.array([x for _, x in logged(tmp_path / d, split)]) for d in ("cpu", "one", "two"))
+        assert len(two) == len(one) == len(cpu) > 0
+        budget = max(2 * np.abs(one - cpu).max(), 1e-4 * np.abs(one).max())
+        assert np.abs(two - one).max() <= budget, (split, one, two, cpu)
+    cpu, one, two = (families.load_model_dir(str(tmp_path / d / "model_00000004"))[1] for d in ("cpu", "one", "two"))
     assert np.abs(two - one).max() <= 2 * np.abs(one - cpu).max()
 
 

@@ -350,7 +350,6 @@ def test_train_resumes_exactly_and_samples(tmp_path, shards):
     (["-e", "nanochat:x2"], "-e nanochat:x2: expected nanochat:dN"),
     (["-e", "nanochat:d4:kv3"], "-e nanochat:d4:kv3: n_head 2 is not divisible by n_kv_head 3"),
     (["-e", "nanochat:d2", "-t", "2048"], "-t/--seq-len 2048 exceeds the model's sequence_len 1024"),
-    (["-e", "nanochat:d2", "-z", "1"], "-z/--zero-stage 1: nanochat models train with -z 0 so far"),
 ])
 def test_bad_flags_are_one_line(tmp_path, shards, args, needle):
     r = run_cli(["train", "--device", "cpu", "-x", "1", "-i", shards[0], "-j", shards[1], *args], tmp_path)

@@ -35,7 +35,7 @@ def cuda_module():
 
 class LayerReducer:
     """Per-layer gradient reduction on a side stream; see the module docstring. `model` is a GPUGPT
-    (its `g` views and config), `sharded` the ZeRO-1 ShardedAdamW or None for ZeRO-0."""
+    (its `g` views and config), `sharded` the ZeRO-1 ShardedOptimizer or None for ZeRO-0."""
 
     def __init__(self, model, comm, sharded=None, *, cuda=None):
         self.comm, self.cuda = comm, cuda if cuda is not None else cuda_module()

@@ -5,15 +5,21 @@ Stage 0 (DDP): every rank keeps everything; after the last micro-step the gradie
 stay bit-identical (llm.c seeds its rounding with 13371337 + rank, which lets bf16 replicas drift:
 multi-gpu-facts.md §A4; llmpy's trainer draws every seed from one rank-independent generator).
 
-Stage 1: the AdamW state (m, v, and the GPU's fp32 master weights) is split over the ranks with
-llm.c's layout (llmc-facts.md §10.3): per parameter tensor and per layer, so that a layer's gradients
-can be reduced as soon as its backward is done. For a tensor of `layers` slices of S elements each
-(the (L, ...) stacks; wte, wpe, lnfw and lnfb are one slice), rank r owns elements
-[r S/N, (r+1) S/N) of every slice. The gradients are reduce-scattered (averaged) slice by slice, the
-rank updates its pieces, and the pieces are all-gathered back into every rank's full parameters.
-The rank's m, v and master are flat buffers of num_parameters / N floats ordered tensor, layer, piece
-(llm.c's state-file order). The global gradient norm is the sum over ranks of the squares of the own
-pieces (llm.c PR #524).
+Stage 1: the optimizer state (AdamW's m and v, Muon's momentum, and the GPU's fp32 master weights) is
+split over the ranks with llm.c's layout (llmc-facts.md §10.3): per parameter tensor and per layer, so
+that a layer's gradients can be reduced as soon as its backward is done. For a tensor of `layers`
+slices of S elements each (the (L, ...) stacks; the model's `unstacked` tensors, GPT-2's wte, wpe, lnfw
+and lnfb or nanochat's wte and lm_head, are one slice), rank r owns elements [r S/N, (r+1) S/N) of
+every slice. The gradients are reduce-scattered (averaged) slice by slice, the rank updates its
+pieces, and the pieces are all-gathered back into every rank's full parameters. The rank's m, v and
+master are flat buffers of num_parameters / N floats ordered tensor, layer, piece (llm.c's state-file
+order). The global gradient norm is the sum over ranks of the squares of the own pieces (llm.c PR #524).
+
+Muon orthogonalises whole matrices, so a tensor the model shards by layer (`model.shard_by_layer`:
+nanochat's block matrices under Muon) is split by layers instead, as nanochat's DistMuon does: rank r
+owns layers r, r + N, r + 2N, ... whole. The same two collectives serve: layers [kN, (k+1)N) are one
+contiguous buffer whose reduce-scatter leaves layer kN + r's averaged gradient on rank r, and whose
+all-gather brings every rank the N updated layers. The layer count must divide by N.
 
 DataParallel hides which stage runs: reduce_gradients, mean_loss, grad_norm, update, average and the
 optimizer state in and out. With one process and stage 0 each is the model's own call (the
@@ -27,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmpy.dist.comm import Communicator, RankAgreedError
-from llmpy.model import DECAYED
+from llmpy.model import GPT
 
-WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")   # one slice each; every other tensor is an (L, ...) stack
+WHOLE_TENSORS = GPT.unstacked    # GPT-2's tensors of one slice each; every other tensor is an (L, ...) stack
 F32 = np.dtype(np.float32)
 
 
@@ -39,28 +45,60 @@ class Shard:
     name: str
     layers: int     # slices: L for the per-layer stacks, 1 for the whole tensors
     size: int       # elements per slice (S)
-    lo: int         # this rank's piece of every slice: [lo, hi)
+    lo: int         # this rank's piece of every slice it holds: [lo, hi)
     hi: int
     offset: int     # where the tensor's pieces start in the rank's flat m / v / master
+    owned: tuple = ()   # sharded by layer: the whole layers this rank owns (r, r + N, ...); () = every layer
 
     @property
     def piece(self) -> int:
         return self.hi - self.lo
 
+    @property
+    def held(self) -> tuple:
+        """The layers of which this rank holds a piece (all of them, or the owned whole ones)."""
+        return self.owned or tuple(range(self.layers))
 
-def shard_layout(shapes: dict, rank: int, world: int) -> list[Shard]:
-    """llm.c's per-tensor, per-layer shards of rank `rank` of `world`; ValueError naming the tensor if a
-    slice does not split evenly (llm.c exits there too)."""
+
+def shard_layout(shapes: dict, rank: int, world: int, *, unstacked=WHOLE_TENSORS, by_layer=()) -> list[Shard]:
+    """llm.c's per-tensor, per-layer shards of rank `rank` of `world` (tensors named in by_layer: whole
+    layers r, r + world, ...); ValueError naming the tensor if a slice, or the layers, do not split evenly
+    (llm.c exits there too)."""
     out, offset = [], 0
     for name, shape in shapes.items():
-        layers = 1 if name in WHOLE_TENSORS else shape[0]
+        layers = 1 if name in unstacked else shape[0]
         size = math.prod(shape) // layers
+        if name in by_layer:
+            if layers % world:
+                raise ValueError(f"tensor {name}: {layers} layers of whole matrices (Muon) do not split over "
+                                 f"{world} ranks")
+            owned = tuple(range(rank, layers, world))
+            out.append(Shard(name, layers, size, 0, size, offset, owned))
+            offset += len(owned) * size
+            continue
         if size % world:
             raise ValueError(f"tensor {name}: a slice of {size} elements does not split over {world} ranks")
         piece = size // world
         out.append(Shard(name, layers, size, rank * piece, (rank + 1) * piece, offset))
         offset += layers * piece
     return out
+
+
+def rank_layout(shapes: dict, comm: Communicator, *, unstacked=WHOLE_TENSORS, by_layer=()) -> list[Shard]:
+    """shard_layout for this rank, or the one line every rank agrees on when the model does not split."""
+    try:
+        return shard_layout(shapes, comm.rank, comm.size, unstacked=unstacked, by_layer=by_layer)
+    except ValueError as e:
+        raise RankAgreedError(f"-z 1 over {comm.size} processes: {e}; use -z 0 or another process count",
+                              rank=comm.rank) from None
+
+
+def check_zero_layout(zero_stage: int, layout: tuple, comm: Communicator) -> None:
+    """Before anything is written: under -z 1, the RankAgreedError that ShardedOptimizer would raise.
+    layout: (shapes, unstacked, by_layer) of the model family (llmpy.families.zero_layout)."""
+    if zero_stage == 1:
+        shapes, unstacked, by_layer = layout
+        rank_layout(shapes, comm, unstacked=unstacked, by_layer=by_layer)
 
 
 def _to_host(a) -> np.ndarray:
@@ -79,35 +117,48 @@ def _from_host(xp, host: np.ndarray):
     return dev
 
 
-class ShardedAdamW:
-    """ZeRO-1: this rank's m, v (and fp32 master weights when the model keeps them), and the update of
-    its pieces followed by the all-gather of the parameters. Runs on the model's backend (its `ops`)."""
+class ShardedOptimizer:
+    """ZeRO-1: this rank's optimizer state (m, v, and fp32 master weights when the model keeps them), and
+    the update of its pieces followed by the all-gather of the parameters. Runs on the model's backend;
+    each piece's step is the model's own (`tensor_update`: AdamW, or Muon on whole layers)."""
 
     def __init__(self, model, comm: Communicator):
         self.model, self.comm = model, comm
-        try:
-            self.shards = shard_layout(model.shapes, comm.rank, comm.size)
-        except ValueError as e:
-            raise RankAgreedError(f"-z 1 over {comm.size} processes: {e}; use -z 0 or another process count",
-                                  rank=comm.rank) from None
-        self.numel = sum(s.layers * s.piece for s in self.shards)
+        by_layer = tuple(name for name in model.shapes if model.shard_by_layer(name))
+        self.shards = rank_layout(model.shapes, comm, unstacked=model.unstacked, by_layer=by_layer)
+        self.numel = sum(len(s.held) * s.piece for s in self.shards)
         xp = model.xp
         self.m = xp.zeros(self.numel, dtype=F32)
         self.v = xp.zeros(self.numel, dtype=F32)
-        self.partials = xp.zeros(sum(s.layers for s in self.shards), dtype=F32)   # the norm's, one per piece
+        self.partials = xp.zeros(sum(len(s.held) for s in self.shards), dtype=F32)   # the norm's, one per piece
         self.master = None
         if getattr(model, "master_weights", False):   # the GPU engine in bf16: fp32 copies of the pieces
             self.master = _from_host(xp, self.gather_pieces(_to_host(model.params).astype(np.float32)))
 
     # ---- where the pieces are ----------------------------------------------------------------------
+    @staticmethod
+    def _rows(flat_views: dict, shard: Shard):
+        return flat_views[shard.name].reshape(shard.layers, shard.size)
+
     def slices(self, flat_views: dict, shard: Shard):
         """(layer, the whole slice, this rank's piece) of one tensor of a full-size buffer's views."""
-        rows = flat_views[shard.name].reshape(shard.layers, shard.size)
-        for layer in range(shard.layers):
+        rows = self._rows(flat_views, shard)
+        for layer in shard.held:
             yield layer, rows[layer], rows[layer, shard.lo:shard.hi]
 
+    def collective_buffers(self, flat_views: dict, shard: Shard):
+        """The buffers one reduce-scatter / all-gather each covers: every slice, or for a tensor sharded
+        by layer each run of N consecutive layers (rank r's chunk of run k is layer k N + r)."""
+        rows = self._rows(flat_views, shard)
+        if not shard.owned:
+            yield from rows
+            return
+        n = self.comm.size
+        for k in range(0, shard.layers, n):
+            yield rows[k:k + n].reshape(-1)
+
     def state_piece(self, flat, shard: Shard, layer: int):
-        start = shard.offset + layer * shard.piece
+        start = shard.offset + (layer // self.comm.size if shard.owned else layer) * shard.piece
         return flat[start:start + shard.piece]
 
     def gather_pieces(self, full: np.ndarray) -> np.ndarray:
@@ -120,8 +171,8 @@ class ShardedAdamW:
     def reduce_gradients(self) -> None:
         with self.comm.group():
             for s in self.shards:
-                for _, whole, _ in self.slices(self.model.g, s):
-                    self.comm.reduce_scatter(whole, op="avg")
+                for buf in self.collective_buffers(self.model.g, s):
+                    self.comm.reduce_scatter(buf, op="avg")
 
     def grad_norm(self) -> float:
         """sqrt of the sum over ranks of this rank's pieces' squares: one partial sum per piece on the
@@ -137,20 +188,20 @@ class ShardedAdamW:
     def update(self, *, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, seeds=None):
         model = self.model
         for i, s in enumerate(self.shards):
-            wd = weight_decay if s.name in DECAYED else 0.0
             seed = 0 if seeds is None else int(seeds[i])
             for (layer, _, piece), (_, _, grad) in zip(self.slices(model.p, s), self.slices(model.g, s)):
                 master = None if self.master is None else self.state_piece(self.master, s, layer)
-                model.ops.adamw_update(piece, self.state_piece(self.m, s, layer), self.state_piece(self.v, s, layer),
-                                       grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, t=t, grad_scale=grad_scale,
-                                       weight_decay=wd, master=master, seed=seed)
+                model.tensor_update(s.name, piece, self.state_piece(self.m, s, layer),
+                                    self.state_piece(self.v, s, layer), grad, lr=lr, beta1=beta1, beta2=beta2,
+                                    eps=eps, t=t, grad_scale=grad_scale, weight_decay=weight_decay,
+                                    master=master, seed=seed)
         self.gather_params()
 
     def gather_params(self) -> None:
         with self.comm.group():
             for s in self.shards:
-                for _, whole, _ in self.slices(self.model.p, s):
-                    self.comm.all_gather(whole)
+                for buf in self.collective_buffers(self.model.p, s):
+                    self.comm.all_gather(buf)
 
     # ---- state files ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -186,7 +237,7 @@ class DataParallel:
             log(f"-z {zero_stage}: ZeRO stages 2 and 3 are not implemented; using stage 0 (as llm.c)")
             zero_stage = 0
         self.zero_stage = zero_stage
-        self.sharded = ShardedAdamW(model, comm) if zero_stage == 1 else None
+        self.sharded = ShardedOptimizer(model, comm) if zero_stage == 1 else None
         # the GPU engine reduces each layer's gradients during the last backward (llmpy/dist/overlap.py);
         # one process has nothing to reduce, so it gets no comm stream at all
         self.reducer = None
@@ -197,7 +248,7 @@ class DataParallel:
         if comm.size > 1 or self.sharded is not None:
             procs = f"{comm.size} process{'es' if comm.size > 1 else ''}"
             log(f"data parallel: {procs} ({comm.name}), ZeRO stage {zero_stage}"
-                + (f"; AdamW state {self.sharded.nbytes() / 2**20:.1f} MiB per rank (1/{comm.size} of "
+                + (f"; optimizer state {self.sharded.nbytes() / 2**20:.1f} MiB per rank (1/{comm.size} of "
                    f"{self.sharded.nbytes() * comm.size / 2**20:.1f} MiB)" if self.sharded is not None else ""))
 
     @property
@@ -267,7 +318,7 @@ class DataParallel:
     def memory_report(self) -> str:
         report = self.model.memory_report()
         if self.sharded is not None:
-            report += (f"; ZeRO-1 AdamW state {self.sharded.nbytes() / 2**20:.1f} MiB on this rank "
+            report += (f"; ZeRO-1 optimizer state {self.sharded.nbytes() / 2**20:.1f} MiB on this rank "
                        f"(saves {(self.comm.size - 1) * self.sharded.nbytes() / 2**20:.1f} MiB)")
         return report
 

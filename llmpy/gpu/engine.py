@@ -383,7 +383,7 @@ class GPUGPT(ArenaEngine, GPT):
     flash_attention: 1 (or True) the fused attention kernels, 2 the same with 128-row query tiles
     (llmpy/gpu/flash_attention.py, tile=128); bf16 with head size 64 only, otherwise the engine
     says so and keeps llm.c's materialised path. optimizer_state=False (ZeRO-1): no m, v or master
-    in the arena; llmpy/dist/zero.py's ShardedAdamW keeps this rank's shard of them and runs the update.
+    in the arena; llmpy/dist/zero.py's ShardedOptimizer keeps this rank's shard of them and runs the update.
     """
 
     reduces_in_backward = True   # forward_backward(reducer=...): llmpy/dist/overlap.py

@@ -15,8 +15,11 @@
     whose launcher groups token ids on the host and whose seed changes each micro-step: it runs after the
     replay, as in GPT-2's engine), one of the optimizer update, which reads lr, the clipping scale, AdamW's
     bias corrections, Muon's lr and the 8 seeds from arena buffers staged before each replay.
-The materialised attention only (no fused flash path yet). Sampling with the KV cache stays on the CPU.
-Tests: tests/test_gpu_nanochat_engine.py.
+The materialised attention only (the fused kernels are written for head size 64; nanochat's is 128).
+Sampling runs a forward per token (no KV cache: that is the CPU model's). Under ZeRO-1
+(optimizer_state=False) the arena holds no m, v or master: llmpy/dist/zero.py keeps this rank's share and
+calls `tensor_update` per piece (Muon on whole layers, with the arena's Newton-Schulz scratch).
+Tests: tests/test_gpu_nanochat_engine.py, tests/test_dist.py.
 """
 from __future__ import annotations
 
@@ -38,13 +41,15 @@ def act_dtype(name: str, dtype) -> np.dtype:
     return F32 if name.endswith("rstd") or name == "losses" else np.dtype(dtype)
 
 
-def buffer_specs(cfg: NanoChatConfig, B: int, T: int, *, dtype, master_weights: bool):
-    """Every buffer a (B, T) training step touches, as Arena specs (name, shape, dtype), in order."""
+def buffer_specs(cfg: NanoChatConfig, B: int, T: int, *, dtype, master_weights: bool, optimizer_state=True):
+    """Every buffer a (B, T) training step touches, as Arena specs (name, shape, dtype), in order.
+    optimizer_state=False (ZeRO-1) leaves out m, v and master: llmpy/dist/zero.py keeps this rank's share."""
     from llmpy.gpu import attention, encoder, global_norm, muon
     dtype, n = np.dtype(dtype), num_parameters(cfg)
     shapes = param_shapes(cfg)
-    specs = [("params", (n,), dtype), ("grads", (n,), dtype), ("adam_m", (n,), F32), ("adam_v", (n,), F32)]
-    specs += [("master", (n,), F32)] if master_weights else []
+    specs = [("params", (n,), dtype), ("grads", (n,), dtype)]
+    if optimizer_state:
+        specs += [("adam_m", (n,), F32), ("adam_v", (n,), F32)] + ([("master", (n,), F32)] if master_weights else [])
     specs += [(f"act.{k}", s, act_dtype(k, dtype)) for k, s in act_shapes(cfg, B, T).items()]
     specs += [(f"dact.{k}", s, dtype) for k, s in grad_act_shapes(cfg, B, T).items()]
     gqa = (B, T, cfg.n_head, cfg.n_kv_head, cfg.head_dim, dtype)
@@ -88,7 +93,8 @@ def build_engine(cfg: NanoChatConfig, params, tcfg, *, log=print) -> "NanoChatGP
     return NanoChatGPU(cfg, ops, params=params, dtype=opts["dtype"], batch_size=opts["batch_size"],
                        seq_len=opts["seq_len"], master_weights=opts["master_weights"],
                        cuda_graph=opts["cuda_graph"], tf32=opts["tf32"], optimizer=tcfg.optimizer,
-                       muon_lr=tcfg.muon_lr, peak_lr=tcfg.learning_rate, log=log)
+                       muon_lr=tcfg.muon_lr, peak_lr=tcfg.learning_rate, optimizer_state=tcfg.zero_stage != 1,
+                       log=log)
 
 
 class NanoChatGPU(ArenaEngine, NanoChat):
@@ -99,7 +105,7 @@ class NanoChatGPU(ArenaEngine, NanoChat):
 
     def __init__(self, config: NanoChatConfig, ops, *, dtype="bf16", params=None, batch_size: int, seq_len: int,
                  master_weights=True, cuda_graph=True, tf32=False, optimizer="adamw", muon_lr=0.02,
-                 peak_lr=3e-4, log=print):
+                 peak_lr=3e-4, optimizer_state=True, log=print):
         import cupy as cp
 
         from llmpy.gpu.arena import Arena
@@ -119,7 +125,8 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         self.update_graph = StepGraph(log=log) if cuda_graph else None
         self.reduce_graph = None   # no per-layer reduction inside the backward (reduces_in_backward)
         self._open(Arena(buffer_specs(config, batch_size, seq_len, dtype=self.dtype,
-                                      master_weights=self.master_weights)), ops, params, tf32)
+                                      master_weights=self.master_weights, optimizer_state=optimizer_state)),
+                   ops, params, tf32)
 
     # the CPU model's KV cache is NumPy; the engine samples as GPT-2's does (llmpy/sample.py): a forward
     # over the sequence so far, padded to a multiple of 64 positions, per generated token
@@ -131,8 +138,8 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         from llmpy.gpu import cublaslt
         a, B, T = self.arena, self.B, self.T
         a.zero_all()
-        self.params, self.grads, self.m, self.v = a["params"], a["grads"], a["adam_m"], a["adam_v"]
-        self.master, self.norm = a.views.get("master"), a["norm"]
+        self.params, self.grads, self.norm = a["params"], a["grads"], a["norm"]
+        self.m, self.v, self.master = (a.views.get(k) for k in ("adam_m", "adam_v", "master"))
         self.p, self.g = carve(self.params, self.shapes), carve(self.grads, self.shapes)
         self.cos, self.sin = a["rope_cos"], a["rope_sin"]
         cos, sin = rope_tables(self.config.sequence_len, self.config.head_dim)
@@ -186,6 +193,10 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         self.ops.encoder_backward(self.g["wte"], None, dx0, inp_d, seed=seed)
 
     # ---- optimizer ---------------------------------------------------------------------------------
+    def _muon_buffers(self) -> dict:
+        """The arena's Newton-Schulz scratch for muon_update (ZeRO-1's per-layer steps use it too)."""
+        return dict(workspace=self.arena["muon_workspace"], scratch=self.arena["muon_scratch"])
+
     def _slices(self, name: str) -> int:
         """Per-layer stacks are updated as L slices (llm.c's geometry); it shapes the rounding noise."""
         return 1 if name in ADAMW_ONLY else self.config.n_layer
