@@ -113,6 +113,12 @@ def num_parameters(cfg: NanoChatConfig) -> int:
     return sum(math.prod(s) for s in param_shapes(cfg).values())
 
 
+def flops_per_token(cfg: NanoChatConfig, T: int) -> int:
+    """Training FLOPs per token, nanochat's estimate: 6 per weight outside the embedding table (it is a
+    gather) + 12 L C T for attention's two T x T products, forward and backward."""
+    return 6 * (num_parameters(cfg) - cfg.padded_vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * T
+
+
 def init_params(cfg: NanoChatConfig) -> np.ndarray:
     """nanochat's init (module docstring) into a flat float32 buffer; padded rows are zero."""
     from llmpy.rng import MT19937, normal_

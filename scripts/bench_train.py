@@ -4,6 +4,7 @@
     python scripts/bench_train.py --device cpu -e d12 -B 4 -T 64 --threads 2 --out out/bench
     python scripts/bench_train.py --device cuda -e d12 -B 8 -T 1024 --out out/bench
     python scripts/bench_train.py --device cuda -B 64 --variants graph,flash128,torch --out out/bench
+    python scripts/bench_train.py --device cpu -e nanochat:d4 --optimizer muon --threads 2 --out out/bench
 
 One step is what llmpy/train.py does per optimizer step: zero grads, forward, backward (loss and
 gradients), global gradient norm with clipping at 1.0, AdamW (betas 0.9/0.95, eps 1e-8, weight decay
@@ -30,6 +31,11 @@ must agree.
         Host overhead = wall - busy.
         torch: PlainGPT2, torch.compile, bf16 autocast, flash attention (SDPA), fused AdamW.
         Peak memory: CuPy's pool / torch.cuda.max_memory_allocated.
+
+nanochat (`-e nanochat:dN[:kvK]` or a nanochat checkpoint directory): llmpy's NanoChat (cpu) or NanoChatGPU
+(cuda: eager and graph; the fused attention and -ge are GPT-2's) against scripts/torch_nanochat.py's
+PlainNanoChat, with --optimizer adamw (every tensor) or muon (the block matrices; AdamW on wte and
+lm_head) on both sides; FLOPs per token by nanochat's count (llmpy.nanochat.flops_per_token).
 
 Reported: ms/step (median of --steps after --warmup), tok/s, MFU (6N + 6LCT FLOPs per token,
 perf-anchors.md §8; against the GEMM rate measured here, and on the GPU also llm.c's nominal bf16 peak),
@@ -68,17 +74,38 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import benchutil as bu  # noqa: E402
+from llmpy import families  # noqa: E402
 from llmpy.model import GPTConfig, num_parameters  # noqa: E402
+from llmpy.nanochat import NanoChat, NanoChatConfig  # noqa: E402
 
 LR, WEIGHT_DECAY, BETA1, BETA2, EPS, GRAD_CLIP = 3e-4, 0.1, 0.9, 0.95, 1e-8, 1.0
 TINY = GPTConfig(max_seq_len=64, vocab_size=1000, padded_vocab_size=1024, num_layers=2, num_heads=4,
                  channels=128)
 LOSS_RTOL = {"cpu": 1e-4, "cuda": 2e-2}   # first-step loss: fp32 on both sides / bf16 on both sides
+MUON_LR = 0.02                             # nanochat's --muon-lr default
 
 
-def flops_per_token(cfg: GPTConfig, T: int) -> int:
-    """llm.c's count (perf-anchors.md §8): 6 N (every weight, forward + backward) + 6 L C T (attention)."""
+def flops_per_token(cfg, T: int) -> int:
+    """llm.c's count for GPT-2 (perf-anchors.md §8): 6 N (every weight, forward + backward) + 6 L C T
+    (attention); nanochat's own for its model."""
+    if isinstance(cfg, NanoChatConfig):
+        from llmpy.nanochat import flops_per_token as nanochat_flops
+        return nanochat_flops(cfg, T)
     return 6 * num_parameters(cfg) + 6 * cfg.num_layers * cfg.channels * T
+
+
+def count_parameters(cfg) -> int:
+    if isinstance(cfg, NanoChatConfig):
+        from llmpy.nanochat import num_parameters as nanochat_parameters
+        return nanochat_parameters(cfg)
+    return num_parameters(cfg)
+
+
+def describe_model(cfg) -> str:
+    if isinstance(cfg, NanoChatConfig):
+        return (f"nanochat L={cfg.n_layer} C={cfg.n_embd} NH={cfg.n_head} NKV={cfg.n_kv_head} "
+                f"D={cfg.head_dim} Vp={cfg.padded_vocab_size}")
+    return f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} Vp={cfg.padded_vocab_size}"
 
 
 def mfu(fpt: int, tokens_per_step: int, ms: float, peak_tflops: float) -> float:
@@ -112,7 +139,10 @@ def bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peak) -> dict:
     import llmpy.cpu as ops
     from llmpy.model import GPT
     tracemalloc.start()   # NumPy reports its buffers to tracemalloc: set-up + first step = the peak
-    model = GPT(cfg, ops, params=params)
+    if isinstance(cfg, NanoChatConfig):
+        model = NanoChat(cfg, ops, params=params, optimizer=args.optimizer, muon_lr=MUON_LR, peak_lr=LR)
+    else:
+        model = GPT(cfg, ops, params=params)
     losses = [llmpy_step(model, inp, tgt, 1, seed=1, split=True)[0]]
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -165,7 +195,11 @@ def llmpy_step(model, inp, tgt, t: int, seed: int, *, split: bool = False) -> tu
     B, T = inp.shape
     stamps = [time.perf_counter()]
     model.zero_grad()
-    if split:
+    if split and isinstance(model, NanoChat):   # the raw-logits forward its backward continues (softcap fused)
+        model._forward(inp)
+        stamps.append(time.perf_counter())
+        model.backward(inp, tgt, 1.0 / (B * T))
+    elif split:
         model.forward(inp)
         stamps.append(time.perf_counter())
         model.backward(inp, tgt, 1.0 / (B * T), seed=seed)
@@ -221,6 +255,7 @@ GPU_VARIANTS = {
     "ge2": ("llmpy_ge2", dict(gelu_fusion=2)),
 }
 CPU_VARIANTS = {"eager": ("llmpy", {})}   # llmpy.cpu: NumPy, nothing to choose
+GPT2_ONLY = ("flash", "flash128", "ge2")   # the nanochat engine runs the materialised attention, no -ge
 
 
 def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, options: dict) -> dict:
@@ -231,10 +266,15 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, options: dict) -> d
     from llmpy.gpu.engine import GPUGPT, engine_options
     from llmpy.train import TrainConfig
     tcfg = dataclasses.replace(TrainConfig(), batch_size=inp.shape[0], seq_len=inp.shape[1], device="cuda",
-                               **options)
+                               optimizer=args.optimizer, muon_lr=MUON_LR, learning_rate=LR, **options)
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    with GPUGPT(cfg, ops, params=params, log=lambda *a: None, **engine_options(tcfg)) as model:
+    if isinstance(cfg, NanoChatConfig):
+        from llmpy.gpu.nanochat_engine import build_engine
+        engine = build_engine(cfg, params, tcfg, log=lambda *a: None)
+    else:
+        engine = GPUGPT(cfg, ops, params=params, log=lambda *a: None, **engine_options(tcfg))
+    with engine as model:
         losses, times, enqueue = [], [], []
         for i in range(args.warmup + args.steps):
             loss, s = llmpy_step(model, inp, tgt, i + 1, seed=i + 1)
@@ -247,8 +287,10 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, options: dict) -> d
                 for k in range(3)]
         graph = model.graph is not None
         mode = ("graph" if graph else "eager") + (f", flash attention (tile {model.flash_tile})"
-                                                  if model.flash_attention else "")
-        if model.gelu_fusion:
+                                                  if getattr(model, "flash_attention", False) else "")
+        if isinstance(cfg, NanoChatConfig):
+            mode += f", {args.optimizer}"
+        if getattr(model, "gelu_fusion", 0):
             mode += f", -ge {model.gelu_fusion}"
         failed = [f"{what}: {g.disabled}" for what, g in (("step", model.graph), ("update", model.update_graph))
                   if graph and getattr(g, "disabled", None)]
@@ -280,12 +322,19 @@ def bench_torch(cfg, params, inp, tgt, args, fpt, peaks) -> dict:
     if not cuda:
         torch.set_num_threads(args.threads)
     rss0 = rss_mb()
-    if args.torch_model == "hf":
-        model = tg.hf_gpt2(cfg, params, attn=args.torch_attn)
+    fused = {"fused": True} if cuda else {}
+    if isinstance(cfg, NanoChatConfig):
+        import torch_nanochat as tn
+        model = tn.PlainNanoChat(cfg, attn=args.torch_attn).load_flat(cfg, params).to(dev)
+        opts = tn.optimizers(model, args.optimizer, lr=LR, muon_lr=MUON_LR, weight_decay=WEIGHT_DECAY, cuda=cuda,
+                             betas=(BETA1, BETA2), eps=EPS, **fused)
     else:
-        model = tg.PlainGPT2(cfg, attn=args.torch_attn).load_flat(cfg, params)
-    model = model.to(dev)
-    opt = tg.adamw(model, lr=LR, weight_decay=WEIGHT_DECAY, **({"fused": True} if cuda else {}))
+        if args.torch_model == "hf":
+            model = tg.hf_gpt2(cfg, params, attn=args.torch_attn)
+        else:
+            model = tg.PlainGPT2(cfg, attn=args.torch_attn).load_flat(cfg, params)
+        model = model.to(dev)
+        opts = [tg.adamw(model, lr=LR, weight_decay=WEIGHT_DECAY, **fused)]
     step_model = torch.compile(model) if cuda else model
     x, y = (torch.from_numpy(a.astype(np.int64)).to(dev) for a in (inp, tgt))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -301,8 +350,9 @@ def bench_torch(cfg, params, inp, tgt, args, fpt, peaks) -> dict:
         loss.backward()
         stamps.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
         sync()
         stamps.append(time.perf_counter())
         return float(loss.detach()), stamps
@@ -316,7 +366,7 @@ def bench_torch(cfg, params, inp, tgt, args, fpt, peaks) -> dict:
             for k, name in enumerate(phases):
                 phases[name].append((s[k + 1] - s[k]) * 1e3)
     r = summarize(times, inp.size, fpt, peaks.get("gemm_tflops"))
-    r.update(losses=losses, impl=describe_torch(args), torch_version=torch.__version__)
+    r.update(losses=losses, impl=describe_torch(args, cfg), torch_version=torch.__version__)
     if cuda:
         r.update(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
                  memory_method="torch.cuda.max_memory_allocated")
@@ -326,18 +376,22 @@ def bench_torch(cfg, params, inp, tgt, args, fpt, peaks) -> dict:
         r.update(phases_ms={k: bu.median(v) for k, v in phases.items()},
                  peak_memory_mb=maxrss_mb() - rss0,
                  memory_method="growth of the process's peak RSS over torch's set-up and run")
-    del opt, model, step_model
+    del opts, model, step_model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return r
 
 
-def describe_torch(args) -> str:
+def describe_torch(args, cfg=None) -> str:
     model = "transformers GPT2LMHeadModel" if args.torch_model == "hf" else "plain torch GPT-2"
+    opt = "AdamW"
+    if isinstance(cfg, NanoChatConfig):
+        model = "plain torch nanochat (scripts/torch_nanochat.py)"
+        opt = "Muon + AdamW" if args.optimizer == "muon" else "AdamW"
     if args.device == "cuda":
-        return f"{model}, torch.compile, bf16 autocast, {args.torch_attn} attention, fused AdamW"
-    return f"{model}, eager, float32, {args.torch_attn} attention, AdamW (default), {args.threads} threads"
+        return f"{model}, torch.compile, bf16 autocast, {args.torch_attn} attention, fused {opt}"
+    return f"{model}, eager, float32, {args.torch_attn} attention, {opt} (default), {args.threads} threads"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -348,7 +402,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny model (--tiny), 2 warm-up + 3 timed steps")
-    p.add_argument("-e", "--model", default="d12", help="llm.c descriptor: d6, d12, d24, ... (default d12)")
+    p.add_argument("-e", "--model", default="d12", help="llm.c descriptor: d6, d12, d24, ... (default d12); "
+                                                        "nanochat:dN[:kvK] or a nanochat directory")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="nanochat models: adamw, or muon on the block matrices (both sides)")
     p.add_argument("--tiny", action="store_true", help=f"a tiny config instead of -e: {TINY}")
     p.add_argument("-B", type=int, default=0, help="batch size (default: 4 on cpu, 8 on cuda)")
     p.add_argument("-T", type=int, default=0, help="sequence length (default: 64 on cpu, 1024 on cuda)")
@@ -378,19 +435,31 @@ def parse_args(argv=None):
     args.torch_model = args.torch_model or ("plain" if cuda else "hf")
     args.torch_attn = args.torch_attn or ("sdpa" if cuda else "eager")
     args.tiny = args.tiny or args.quick
+    nanochat = families.is_nanochat(args.model) and not args.tiny
+    if args.optimizer == "muon" and not nanochat:
+        p.error("--optimizer muon: nanochat models only (-e nanochat:dN)")
+    if nanochat and not cuda and args.torch_model == "hf":
+        args.torch_model = "plain"       # transformers has no nanochat model: the plain torch one
     known = [*(GPU_VARIANTS if cuda else CPU_VARIANTS), "torch"]
     asked = [v for v in args.variants.split(",") if v] or known
     bad = [v for v in asked if v not in known]
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)} on {args.device} (choose from {', '.join(known)})")
     dropped = ({"torch"} if args.no_torch else set()) | ({"flash", "flash128"} if args.no_flash else set())
+    if nanochat:
+        dropped |= set(GPT2_ONLY) - set(args.variants.split(","))   # asked for by name: said below
     args.variants = [v for v in known if v in asked and v not in dropped]   # the table's order
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = TINY if args.tiny else GPTConfig.from_descriptor(args.model)
+    if args.tiny:
+        cfg = TINY
+    elif families.is_nanochat(args.model):
+        cfg, params = families.load_nanochat(args.model, flag="-e")
+    else:
+        cfg = GPTConfig.from_descriptor(args.model)
     B, T = args.B, min(args.T, cfg.max_seq_len)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,8 +468,9 @@ def main(argv=None) -> int:
         print(f"bench_train: NumPy's BLAS threads are set by the environment before NumPy loads: run as a "
               f"script with --threads {args.threads} (OPENBLAS_NUM_THREADS is "
               f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
-    from llmpy.rng import init_params
-    params = init_params(cfg)
+    if not isinstance(cfg, NanoChatConfig):
+        from llmpy.rng import init_params
+        params = init_params(cfg)
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
     inp, tgt = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
@@ -417,14 +487,14 @@ def main(argv=None) -> int:
         gemm = bu.measure_gemm_rate(np, 1024 if args.quick else 2048, np.float32,
                                     timer=lambda fn, **kw: bu.time_cpu(fn, **kw))
         peaks = {"gemm_tflops": gemm["tflops"], "gemm": gemm}
-    print(f"device: {meta['device']}; model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} "
-          f"Vp={cfg.padded_vocab_size}, {num_parameters(cfg):,} params; B={B} T={T}; "
+    print(f"device: {meta['device']}; {describe_model(cfg)}, {count_parameters(cfg):,} params; B={B} T={T}; "
           f"{fpt / 1e9:.4f} GFLOP/token; threads {args.threads}; "
           f"measured GEMM peak {gemm['tflops']:.3f} TFLOP/s")
     print("bench_train: timings are only comparable on an otherwise idle machine")
 
     result = {**meta, "threads": args.threads if args.device == "cpu" else None,
-              "config": dataclasses.asdict(cfg), "num_parameters": num_parameters(cfg), "B": B, "T": T,
+              "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(cfg), "B": B, "T": T,
+              "family": "nanochat" if isinstance(cfg, NanoChatConfig) else "gpt2", "optimizer": args.optimizer,
               "steps": args.steps, "warmup": args.warmup, "flops_per_token": fpt, "peaks": peaks}
     path = out / f"bench_train_{args.device}.json"
     llmpy_runs = [v for v in args.variants if v != "torch"]
@@ -433,6 +503,9 @@ def main(argv=None) -> int:
         report("torch", result["torch"])
     for name in llmpy_runs:
         key, options = (GPU_VARIANTS if args.device == "cuda" else CPU_VARIANTS)[name]
+        if isinstance(cfg, NanoChatConfig) and name in GPT2_ONLY:
+            print(f"llmpy {name}: skipped (GPT-2's engine only; the nanochat engine runs eager and graph)")
+            continue
         if name.startswith("flash"):
             import ml_dtypes
             from llmpy.gpu.flash_attention import supports

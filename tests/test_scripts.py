@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +70,24 @@ def test_bench_train_quick_llmpy_and_torch(tmp_path):
     assert result["first_step_loss"]["match"], result["first_step_loss"]
     assert result["ratio_ms_llmpy_over_torch"] > 0
     assert result["flops_per_token"] > 0 and result["commit"] and result["command"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bench_train_nanochat_follows_plain_torch_step_for_step(tmp_path, optimizer):
+    """bench_train's nanochat mode: llmpy's NanoChat against scripts/torch_nanochat.py, same weights and
+    batch, the same optimizer on both sides: every logged loss agrees (a step with Muon or AdamW on the
+    llmpy side is the torch side's), not only the first."""
+    pytest.importorskip("torch")
+    run_script("bench_train.py", "--device", "cpu", "-e", "nanochat:d1", "-B", "2", "-T", "32", "--steps", "2",
+               "--warmup", "2", "--threads", "1", "--optimizer", optimizer, "--out", str(tmp_path))
+    result = json.loads((tmp_path / "bench_train_cpu.json").read_text())
+    assert result["family"] == "nanochat" and result["optimizer"] == optimizer
+    assert result["num_parameters"] == 2 * 50304 * 64 + 12 * 64 * 64
+    assert "Muon" in result["torch"]["impl"] if optimizer == "muon" else "AdamW" in result["torch"]["impl"]
+    ours, theirs = result["llmpy"]["losses"], result["torch"]["losses"]
+    assert len(ours) == len(theirs) == 4 and ours[-1] < ours[0]
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5)
+    assert result["first_step_loss"]["match"]
 
 
 def test_plot_log_synthetic(tmp_path):

@@ -30,8 +30,8 @@ from llmpy.gpu import engine
 from llmpy.gpu.engine import F32, I32, LT_WORKSPACE_BYTES, U32, ArenaEngine, _ArenaOps, engine_options, storage_dtype
 from llmpy.gpu.mfu import mfu_percent
 from llmpy.model import carve
-from llmpy.nanochat import (ADAMW_ONLY, MATRICES, NanoChat, NanoChatConfig, act_shapes, grad_act_shapes,
-                            num_parameters, param_shapes)
+from llmpy.nanochat import (ADAMW_ONLY, MATRICES, NanoChat, NanoChatConfig, act_shapes, flops_per_token,
+                            grad_act_shapes, num_parameters, param_shapes)
 
 NUM_TENSORS = len(param_shapes(NanoChatConfig(1, 1, 1, 2, 1, 1)))   # 8: one update launch and seed each
 
@@ -64,12 +64,6 @@ def buffer_specs(cfg: NanoChatConfig, B: int, T: int, *, dtype, master_weights: 
               ("muon_scalars", (2,), F32), ("seeds", (NUM_TENSORS,), U32), ("norm", (1,), F32),
               ("lt_workspace", (LT_WORKSPACE_BYTES,), np.dtype(np.uint8))]
     return specs
-
-
-def flops_per_token(cfg: NanoChatConfig, T: int) -> int:
-    """Training FLOPs per token, nanochat's estimate: 6 per weight outside the embedding table (it is a
-    gather) + 12 L C T for attention's two T x T products, forward and backward."""
-    return 6 * (num_parameters(cfg) - cfg.padded_vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 class _NanoChatArenaOps(_ArenaOps):
