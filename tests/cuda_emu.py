@@ -510,6 +510,8 @@ class _Pool:
     def used_bytes(self) -> int:
         return self.emu.used_bytes()
 
+    total_bytes = used_bytes    # nothing is cached: held = in use
+
     def free_all_blocks(self) -> None:
         pass
 

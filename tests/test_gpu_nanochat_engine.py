@@ -252,3 +252,28 @@ def test_cli_trains_a_nanochat_model_on_the_gpu_engine_and_resumes_exactly(backe
     assert main(["sample", "-e", str(out / "model_00000006"), "--device", "cuda", "-n", "8"]) == 0
     text = capsys.readouterr()
     assert "device: cuda" in text.err and text.out.endswith("\n") and len(text.out.strip()) > 0
+
+
+def test_bench_train_gpu_variants_run_the_nanochat_engine(backend, monkeypatch):
+    """scripts/bench_train.py on the GPU with a nanochat model: its eager and graph variants build the
+    nanochat engine with the asked optimizer, and their step losses follow the CPU model's (the
+    GPU-busy probe, which needs real CUDA events, is stubbed)."""
+    import argparse
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_train
+    cfg, B, T = GQA, 2, 16
+    params, (inp, tgt) = start_params(cfg), batches(cfg, B, T)[0]
+    monkeypatch.setattr(bench_train, "Blocker", lambda: None)
+    monkeypatch.setattr(bench_train, "gpu_busy_step",
+                        lambda *a: {"forward+backward": 1.0, "optimizer": 0.5, "busy": 1.5})
+    args = argparse.Namespace(warmup=1, steps=2, optimizer="muon")
+    fpt = bench_train.flops_per_token(cfg, T)
+    cpu = bench_train.bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, None)
+    for name in ("eager", "graph"):
+        key, options = bench_train.GPU_VARIANTS[name]
+        r = bench_train.bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, {}, options)
+        assert r["impl"] == f"llmpy.gpu (bfloat16, {name}, muon)", r["impl"]
+        assert len(r["losses"]) == 3 and r["arena_mb"] > 0 and r["gpu_busy_ms"] == 1.5
+        np.testing.assert_allclose(r["losses"], cpu["losses"], rtol=2e-2)
