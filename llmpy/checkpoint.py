@@ -144,14 +144,17 @@ def save_model(path: str, cfg: GPTConfig, flat_params, *, dtype: str = "fp32") -
 
 SLOT_NUM_PROCESSES, SLOT_RANK, SLOT_MASTER, SLOT_SHUFFLE, SLOT_STEP = 2, 3, 4, 5, 10
 SLOT_ZERO_STAGE = 6    # llmpy's: ZeRO stage + 1 (0: not recorded, as in llm.c's files); llm.c leaves it zero
+SLOT_OPTIMIZER = 7     # llmpy's: 1 + the index in OPTIMIZERS (0: not recorded); llm.c leaves it zero
+OPTIMIZERS = ("adamw", "muon")
 SLOT_RNG, SLOT_RNG_LAST_UPDATE, SLOT_SHARD_IDX, SLOT_SAMPLE_IDX = 20, 22, 30, 32
 
 
 def save_state(path: str, *, step: int, m, v, master=None, rng_state: int, rng_state_last_update: int,
                loader_state: dict | None = None, num_processes: int = 1, rank: int = 0,
-               zero_stage: int | None = None) -> None:
+               zero_stage: int | None = None, optimizer: str | None = None) -> None:
     """Write an llm.c state file (optimizer moments, master weights, rng and loader state) atomically.
-    zero_stage (0 or 1, if given) is recorded in slot 6 as stage + 1, so `-y 1` can say which -z wrote it.
+    zero_stage (0 or 1, if given) is recorded in slot 6 as stage + 1 and optimizer ('adamw' or 'muon') in
+    slot 7, so `-y 1` can say which -z and --optimizer wrote it.
 
     `loader_state` is `DataLoader.state_dict()`; its permutations and generator are stored only
     when the loader shuffles (llm.c writes the shuffle section only then).
@@ -166,7 +169,8 @@ def save_state(path: str, *, step: int, m, v, master=None, rng_state: int, rng_s
     for slot, value in ((0, STATE_MAGIC), (1, STATE_VERSION), (SLOT_NUM_PROCESSES, num_processes),
                         (SLOT_RANK, rank), (SLOT_MASTER, int(master is not None)),
                         (SLOT_SHUFFLE, int(shuffle)), (SLOT_STEP, step),
-                        (SLOT_ZERO_STAGE, 0 if zero_stage is None else zero_stage + 1)):
+                        (SLOT_ZERO_STAGE, 0 if zero_stage is None else zero_stage + 1),
+                        (SLOT_OPTIMIZER, 0 if optimizer is None else OPTIMIZERS.index(optimizer) + 1)):
         struct.pack_into("<i", header, 4 * slot, value)
     for slot, value in ((SLOT_RNG, rng_state), (SLOT_RNG_LAST_UPDATE, rng_state_last_update),
                         (SLOT_SHARD_IDX, ls["current_shard_idx"]), (SLOT_SAMPLE_IDX, ls["current_sample_idx"])):
@@ -340,13 +344,14 @@ class ResumePoint:
     state: dict
 
 
-def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log=print) -> ResumePoint | None:
+def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, optimizer: str = "adamw",
+                      log=print) -> ResumePoint | None:
     """The newest checkpoint in -o whose model and state files (this rank's) load on every rank; a damaged
     one is skipped with a line saying why. None, with a line, when there is none yet. A checkpoint of
     another number of processes is an error, not damage. load(path) -> (config, params) reads the model
     (default: load_model; the trainer passes llmpy.families' loader, which also reads nanochat directories)."""
     load = load or load_model
-    from llmpy.dist.zero import check_world_size, check_zero_stage
+    from llmpy.dist.zero import check_resume_settings, check_world_size
     steps = done_steps(out_dir)
     if not steps:
         log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
@@ -356,7 +361,7 @@ def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, log
         try:
             gpt_cfg, params = load(path)
             check_world_size(out_dir, step, comm)
-            check_zero_stage(out_dir, step, comm, zero_stage)
+            check_resume_settings(out_dir, step, comm, zero_stage=zero_stage, optimizer=optimizer)
             # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
             numel = params.size // comm.size if zero_stage == 1 else params.size
             state = load_state(state_path(out_dir, step, comm.rank), num_parameters=numel,

@@ -17,7 +17,7 @@ from llmpy.errors import LlmpyError
 def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
     """A GPT for an llm.c model file on 'auto' | 'cpu' | 'cuda'; call .close() when done. On the GPU
     the engine is planned for (batch_size, seq_len), without master weights or a CUDA graph.
-    A nanochat directory (llmpy/families.py) gives that family's model."""
+    No optimizer state is allocated. A nanochat directory (llmpy/families.py) gives that family's model."""
     from llmpy.checkpoint import load_model
     from llmpy.families import is_nanochat, load_for_inference
     from llmpy.train import TrainConfig, model_factory, resolve_device
@@ -29,7 +29,7 @@ def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
         f"V={cfg.vocab_size}), device: {device}")
     tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.max_seq_len),
                        master_weights=0, cuda_graph=0)
-    return model_factory(tcfg, device, log=log)(cfg, params)
+    return model_factory(tcfg, device, log=log, inference=True)(cfg, params)
 
 
 def _info(msg: str):

@@ -210,6 +210,6 @@ def load_for_inference(path: str, device: str, *, batch_size: int = 1, seq_len: 
         from llmpy.train import TrainConfig
         tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.sequence_len),
                            master_weights=0, cuda_graph=0)
-        return build_engine(cfg, params, tcfg, log=log)
+        return build_engine(cfg, params, tcfg, log=log, inference=True)
     import llmpy.cpu as ops
     return NanoChat(cfg, ops, params=params)

@@ -236,12 +236,12 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-def model_factory(cfg: TrainConfig, device: str, *, log=print):
+def model_factory(cfg: TrainConfig, device: str, *, log=print, inference: bool = False):
     """make_model(gpt_config, host_float32_params) -> GPT on `device` ('cpu' or 'cuda'): the NumPy model,
-    or the GPU engine set up from cfg (precision, graph, batch shape)."""
+    or the GPU engine set up from cfg (precision, graph, batch shape; inference: no optimizer state)."""
     if device == "cuda":
         from llmpy.gpu.engine import train_setup   # imports cupy; only here
-        return train_setup(cfg, log=log)[1]
+        return train_setup(cfg, log=log, inference=inference)[1]
     if cfg.dtype == "bf16":
         raise LlmpyError("--dtype bf16 is a GPU mode; the CPU path trains in fp32")
     import llmpy.cpu as ops
@@ -347,7 +347,8 @@ def _train_processes(cfg: TrainConfig, device: str, comm, log) -> dict:
     resume = None
     if cfg.resume:
         out.check_resume(config_record(cfg))
-        resume = checkpoint.find_resume_point(cfg.output_dir, comm, load=load, zero_stage=cfg.zero_stage, log=log)
+        resume = checkpoint.find_resume_point(cfg.output_dir, comm, load=load, zero_stage=cfg.zero_stage,
+                                              optimizer=cfg.optimizer, log=log)
     if resume is not None:
         gpt_cfg, params = resume.gpt_cfg, resume.params
     else:
@@ -598,7 +599,8 @@ def save_checkpoint(cfg, model, step, rng_state, rng_state_last_update, loader, 
                                 dtype=model.checkpoint_dtype, m=state["m"], v=state["v"],
                                 master=state.get("master"), rng_state=rng_state,
                                 rng_state_last_update=rng_state_last_update, loader_state=loader.state_dict(),
-                                rank=comm.rank, num_processes=comm.size, zero_stage=cfg.zero_stage, done=False)
+                                rank=comm.rank, num_processes=comm.size, zero_stage=dp.zero_stage,
+                                optimizer=cfg.optimizer, done=False)
     comm.barrier()
     if comm.rank == 0:
         checkpoint.mark_done(cfg.output_dir, step)

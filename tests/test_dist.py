@@ -308,12 +308,13 @@ def test_two_processes_match_one_process_with_the_whole_batch(stage, B, extra, d
 def test_nanochat_on_two_processes_matches_one_process(optimizer, stage, data, tmp_path):
     """The second model family through the same communicator: a nanochat model on 2 ranks x B=2 logs the
     losses of 1 rank x B=4 and ends on the same weights. Under -z 1 AdamW's tensors shard a piece of
-    every layer per rank, Muon's block matrices whole layers per rank (layer l on rank l % 2), and each
-    rank's state file holds half of m and v."""
+    every layer per rank, Muon's block matrices whole layers per rank (layer l on rank l % 2: two runs
+    of two layers), and each rank's state file holds half of m and v. The state header records -z and
+    --optimizer, and -y 1 with the other optimizer is one line."""
     from llmpy import checkpoint, families
     from llmpy.cli import main
     from llmpy.nanochat import NanoChatConfig, init_params, num_parameters
-    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
+    cfg = NanoChatConfig(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
     start = str(tmp_path / "start")
     families.save_model_dir(start, cfg, init_params(cfg))
     model_data = (start,) + data[1:]
@@ -331,8 +332,17 @@ def test_nanochat_on_two_processes_matches_one_process(optimizer, stage, data, t
     assert not np.array_equal(weights[0], init_params(cfg))
     n = num_parameters(cfg) // (2 if stage == 1 else 1)
     for rank in (0, 1):
-        state = checkpoint.load_state(checkpoint.state_path(str(tmp_path / "two"), 6, rank), num_parameters=n)
+        path = checkpoint.state_path(str(tmp_path / "two"), 6, rank)
+        state = checkpoint.load_state(path, num_parameters=n)
         assert state["m"].size == n and np.abs(state["m"]).max() > 0
+        header = np.fromfile(path, dtype="<i4", count=256)      # llmpy's slots: stage + 1, optimizer + 1
+        assert (header[6], header[7]) == (stage + 1, checkpoint.OPTIMIZERS.index(optimizer) + 1)
+    other = "adamw" if optimizer == "muon" else "muon"              # -y 1 with the other optimizer: one line
+    r = run(train_args(model_data, tmp_path / "two", 2, 6, *flags, "-z", str(stage), "--optimizer", other, "-y", "1"),
+            tmp_path, n=2)
+    assert r.returncode != 0 and r.stderr.strip() == (
+        f"llmpy train: error: --optimizer {other}: the checkpoint's optimizer state was written by {optimizer}; "
+        f"resume with --optimizer {optimizer}"), r.stderr
     if (optimizer, stage) == ("muon", 1):   # 3 layers do not go whole to 2 ranks: one line, -o untouched
         odd, three = str(tmp_path / "odd"), dataclasses.replace(cfg, n_layer=3)
         families.save_model_dir(odd, three, init_params(three))

@@ -729,3 +729,27 @@ def test_cli_training_resumes_exactly_on_the_gpu_engine(backend, tmp_path, monke
     assert "device: cpu" in capsys.readouterr().out
     cpu_losses = [loss for _, loss in test_train.logged(tmp_path / "cpu", "train")]
     np.testing.assert_allclose([loss for _, loss in first], cpu_losses, atol=0.05)
+
+
+def test_sample_command_builds_the_engine_without_optimizer_state(backend, tmp_path, monkeypatch, capsys):
+    """`llmpy sample --device cuda` (and eval-hellaswag, through the same load_gpt) plans no AdamW m, v
+    or master in the arena: inference needs none of them (8 bytes a parameter)."""
+    import test_train
+    from llmpy.cli import main
+    from llmpy.gpu.engine import GPUGPT
+    if backend == "emulator":
+        monkeypatch.setattr("llmpy.train.resolve_device", lambda requested: "cpu" if requested == "cpu" else "cuda")
+    path = test_train.write_tiny_model(tmp_path / "tiny.bin")
+    seen, close = [], GPUGPT.close
+
+    def record_and_close(self):
+        if self.arena is not None:
+            planned = sorted(k for k in self.arena.views if k in ("adam_m", "adam_v", "master"))
+            seen.append((self.m, self.v, self.master, planned))
+        close(self)
+
+    monkeypatch.setattr(GPUGPT, "close", record_and_close)
+    assert main(["sample", "-e", path, "--device", "cuda", "-n", "6"]) == 0
+    text = capsys.readouterr()
+    assert "device: cuda" in text.err and len(text.out.strip()) > 0
+    assert seen and seen[0] == (None, None, None, [])

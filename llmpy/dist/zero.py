@@ -37,6 +37,7 @@ from llmpy.model import GPT
 
 WHOLE_TENSORS = GPT.unstacked    # GPT-2's tensors of one slice each; every other tensor is an (L, ...) stack
 F32 = np.dtype(np.float32)
+LAYER_SEED_MIX = 0x9E3779B9     # golden-ratio odd constant: spreads layer indices over the 32-bit seed
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,12 @@ class ShardedOptimizer:
             seed = 0 if seeds is None else int(seeds[i])
             for (layer, _, piece), (_, _, grad) in zip(self.slices(model.p, s), self.slices(model.g, s)):
                 master = None if self.master is None else self.state_piece(self.master, s, layer)
+                # one launch per piece: the layer enters the seed, or every layer would round with the same
+                # noise (the kernels hash the seed with the element's place in its launch only)
                 model.tensor_update(s.name, piece, self.state_piece(self.m, s, layer),
                                     self.state_piece(self.v, s, layer), grad, lr=lr, beta1=beta1, beta2=beta2,
                                     eps=eps, t=t, grad_scale=grad_scale, weight_decay=weight_decay,
-                                    master=master, seed=seed)
+                                    master=master, seed=seed ^ (layer * LAYER_SEED_MIX) & 0xFFFFFFFF)
         self.gather_params()
 
     def gather_params(self) -> None:
@@ -235,8 +238,7 @@ class DataParallel:
         self.model, self.comm = model, comm
         if zero_stage in (2, 3):
             log(f"-z {zero_stage}: ZeRO stages 2 and 3 are not implemented; using stage 0 (as llm.c)")
-            zero_stage = 0
-        self.zero_stage = zero_stage
+        self.zero_stage = zero_stage = effective_stage(zero_stage)
         self.sharded = ShardedOptimizer(model, comm) if zero_stage == 1 else None
         # the GPU engine reduces each layer's gradients during the last backward (llmpy/dist/overlap.py);
         # one process has nothing to reduce, so it gets no comm stream at all
@@ -337,14 +339,26 @@ def check_world_size(out_dir: str, step: int, comm: Communicator) -> None:
                               f"{written} (mpiexec -n {written} or -pn {written})", rank=comm.rank)
 
 
-def check_zero_stage(out_dir: str, step: int, comm: Communicator, zero_stage: int) -> None:
-    """-y 1 on several processes resumes only with the -z that wrote the checkpoint: stage 1's state files
-    hold each rank's 1/P share of m and v, stage 0's hold all of them. One line, by rank 0, naming both.
-    (One process keeps everything under either stage, in the same order, so it may switch.)"""
+def effective_stage(zero_stage: int) -> int:
+    """The stage that runs for -z: 2 and 3 are not implemented and run stage 0 (as llm.c)."""
+    return zero_stage if zero_stage in (0, 1) else 0
+
+
+def check_resume_settings(out_dir: str, step: int, comm: Communicator, *, zero_stage: int, optimizer: str) -> None:
+    """-y 1 resumes only with the --optimizer that wrote the checkpoint (AdamW's m and v mean something
+    else to Muon, whose tensors also shard differently), and on several processes only with the same -z
+    (stage 1's state files hold each rank's 1/P share of m and v, stage 0's all of them; one process keeps
+    everything under either stage, in the same order, so it may switch). One line, by rank 0, naming both."""
     from llmpy import checkpoint
     from llmpy.data import read_header
     header, _ = read_header(checkpoint.state_path(out_dir, step, 0), "state file")   # every rank reads the same file
-    written = int(header[checkpoint.SLOT_ZERO_STAGE]) - 1     # -1: not recorded (llm.c, older llmpy)
+    opt = int(header[checkpoint.SLOT_OPTIMIZER]) - 1          # -1: not recorded (llm.c, older llmpy)
+    if opt >= 0 and checkpoint.OPTIMIZERS[opt] != optimizer:
+        written = checkpoint.OPTIMIZERS[opt]
+        raise RankAgreedError(f"--optimizer {optimizer}: the checkpoint's optimizer state was written by {written}; "
+                              f"resume with --optimizer {written}", rank=comm.rank)
+    written = int(header[checkpoint.SLOT_ZERO_STAGE]) - 1
+    zero_stage = effective_stage(zero_stage)
     if comm.size > 1 and written >= 0 and written != zero_stage:
         raise RankAgreedError(f"-y 1: the checkpoint at step {step} in {out_dir} was written with -z {written}, "
                               f"this run has -z {zero_stage}; resume with -z {written} (-z/--zero-stage)",

@@ -120,13 +120,16 @@ def device_description() -> tuple[str, str]:
     return (name.decode() if isinstance(name, bytes) else name), f"sm_{dev.compute_capability}"
 
 
-def train_setup(cfg, *, log=print):
+def train_setup(cfg, *, log=print, inference=False):
     """Import the GPU backend, print the device and the precision, and return (ops, make_model), where
-    make_model(gpt_config, host_f32_params) builds the GPUGPT the loop trains."""
+    make_model(gpt_config, host_f32_params) builds the GPUGPT the loop trains (inference: without the
+    optimizer state, for sampling and evaluation)."""
     import llmpy.gpu as ops
     name, sm = device_description()
     log(f"device: cuda ({name}, {sm})")
     opts = engine_options(cfg, int(sm.removeprefix("sm_")))
+    if inference:
+        opts["optimizer_state"] = False
     if opts["dtype"] == "bf16":
         log("precision: bf16 params, grads and activations, fp32 AdamW state, "
             + ("fp32 master weights (-w 1)" if opts["master_weights"] else "no master weights (-w 0)"))

@@ -78,8 +78,9 @@ class _NanoChatArenaOps(_ArenaOps):
         self.base.gqa_attention_backward(dq, dk, dv, datt, dout, q, k, v, att, workspace=ws)
 
 
-def build_engine(cfg: NanoChatConfig, params, tcfg, *, log=print) -> "NanoChatGPU":
-    """The engine llmpy/families.py builds for `--device cuda`, with GPT-2's precision options."""
+def build_engine(cfg: NanoChatConfig, params, tcfg, *, log=print, inference=False) -> "NanoChatGPU":
+    """The engine llmpy/families.py builds for `--device cuda`, with GPT-2's precision options (inference:
+    no optimizer state, for sampling and evaluation)."""
     import llmpy.gpu as ops
     opts = engine_options(tcfg, int(engine.device_description()[1].removeprefix("sm_")))
     if opts["flash_attention"]:
@@ -87,8 +88,8 @@ def build_engine(cfg: NanoChatConfig, params, tcfg, *, log=print) -> "NanoChatGP
     return NanoChatGPU(cfg, ops, params=params, dtype=opts["dtype"], batch_size=opts["batch_size"],
                        seq_len=opts["seq_len"], master_weights=opts["master_weights"],
                        cuda_graph=opts["cuda_graph"], tf32=opts["tf32"], optimizer=tcfg.optimizer,
-                       muon_lr=tcfg.muon_lr, peak_lr=tcfg.learning_rate, optimizer_state=tcfg.zero_stage != 1,
-                       log=log)
+                       muon_lr=tcfg.muon_lr, peak_lr=tcfg.learning_rate,
+                       optimizer_state=opts["optimizer_state"] and not inference, log=log)
 
 
 class NanoChatGPU(ArenaEngine, NanoChat):
