@@ -90,6 +90,14 @@ def test_bench_train_nanochat_follows_plain_torch_step_for_step(tmp_path, optimi
     assert result["first_step_loss"]["match"]
 
 
+def test_crash_test_resumes_exactly_after_sigkills():
+    """scripts/crash_test.py (SIGKILL, -y 1, repeat): every replayed loss and the final model as the
+    uninterrupted run's; exits 1 otherwise (run_script asserts 0)."""
+    out = run_script("crash_test.py", "--kills", "2", "--steps", "150", "--every", "5", timeout=300)
+    assert "train losses identical; final model identical" in out, out
+    assert int(out.split("crash test: ")[1].split(" SIGKILLs")[0]) >= 1, out
+
+
 def test_plot_log_synthetic(tmp_path):
     for run, scale in (("run_a", 1.0), ("run_b", 1.1)):
         d = tmp_path / run
