@@ -351,7 +351,7 @@ def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, opt
     another number of processes is an error, not damage. load(path) -> (config, params) reads the model
     (default: load_model; the trainer passes llmpy.families' loader, which also reads nanochat directories)."""
     load = load or load_model
-    from llmpy.dist.zero import check_resume_settings, check_world_size
+    from llmpy.dist.zero import check_resume_settings
     steps = done_steps(out_dir)
     if not steps:
         log(f"-y 1: no checkpoint in {out_dir} yet: starting at step 0")
@@ -360,7 +360,6 @@ def find_resume_point(out_dir: str, comm, *, load=None, zero_stage: int = 0, opt
         path, problem = saved_model_path(out_dir, step), None
         try:
             gpt_cfg, params = load(path)
-            check_world_size(out_dir, step, comm)
             check_resume_settings(out_dir, step, comm, zero_stage=zero_stage, optimizer=optimizer)
             # floats per array in this rank's state: all of them, or under ZeRO-1 its 1/P share
             numel = params.size // comm.size if zero_stage == 1 else params.size

@@ -20,15 +20,14 @@ def load_gpt(path: str, device: str, *, batch_size: int, seq_len: int, log):
     No optimizer state is allocated. A nanochat directory (llmpy/families.py) gives that family's model."""
     from llmpy.checkpoint import load_model
     from llmpy.families import is_nanochat, load_for_inference
-    from llmpy.train import TrainConfig, model_factory, resolve_device
+    from llmpy.train import inference_config, model_factory, resolve_device
     device = resolve_device(device)
     if is_nanochat(path):
         return load_for_inference(path, device, batch_size=batch_size, seq_len=seq_len, log=log)
     cfg, params = load_model(path)
     log(f"model: {path} (L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
         f"V={cfg.vocab_size}), device: {device}")
-    tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.max_seq_len),
-                       master_weights=0, cuda_graph=0)
+    tcfg = inference_config(device, batch_size, min(seq_len, cfg.max_seq_len))
     return model_factory(tcfg, device, log=log, inference=True)(cfg, params)
 
 

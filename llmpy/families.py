@@ -26,7 +26,7 @@ import numpy as np
 
 from llmpy.errors import LlmpyError
 from llmpy.model import carve
-from llmpy.nanochat import MATRICES, NanoChat, NanoChatConfig, init_params, num_parameters, param_shapes
+from llmpy.nanochat import NanoChat, NanoChatConfig, init_params, num_parameters, param_shapes
 
 PREFIX = "nanochat:"
 CONFIG_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len")
@@ -162,22 +162,19 @@ def load_checked(spec: str, tcfg, device: str, load_gpt) -> tuple:
             raise LlmpyError(f"--optimizer {tcfg.optimizer} trains nanochat models (-e nanochat:dN or a "
                              "nanochat directory); GPT-2 trains with adamw")
         return load_gpt(spec)
-    cfg, params = load_nanochat(spec)
+    cfg, params = load_nanochat(spec)   # a directory's weights are checked finite as they load
     if tcfg.seq_len > cfg.sequence_len:
         raise LlmpyError(f"-t/--seq-len {tcfg.seq_len} exceeds the model's sequence_len {cfg.sequence_len}")
-    from llmpy.checkpoint import require_finite
-    require_finite(f"{spec}: refusing a damaged model", parameters=params)
     return cfg, params
 
 
 def zero_layout(cfg, optimizer: str) -> tuple:
     """(shapes, unstacked, by_layer) of the model ZeRO-1 will shard (llmpy/dist/zero.py), from its config:
     the tensors of one slice each, and those sharded by whole layers (Muon's block matrices)."""
-    if isinstance(cfg, NanoChatConfig):
-        return param_shapes(cfg), NanoChat.unstacked, MATRICES if optimizer == "muon" else ()
     from llmpy.model import GPT
     from llmpy.model import param_shapes as gpt_shapes
-    return gpt_shapes(cfg), GPT.unstacked, ()
+    family, shapes = (NanoChat, param_shapes(cfg)) if isinstance(cfg, NanoChatConfig) else (GPT, gpt_shapes(cfg))
+    return shapes, family.unstacked, family.whole_matrix_tensors(optimizer)
 
 
 def build(cfg, params, tcfg, make_gpt, *, device: str = "cpu", log=print):
@@ -207,9 +204,8 @@ def load_for_inference(path: str, device: str, *, batch_size: int = 1, seq_len: 
         f"n_embd={cfg.n_embd} sequence_len={cfg.sequence_len} V={cfg.vocab_size}), device: {device}")
     if device != "cpu":
         from llmpy.gpu.nanochat_engine import build_engine
-        from llmpy.train import TrainConfig
-        tcfg = TrainConfig(device=device, batch_size=batch_size, seq_len=min(seq_len, cfg.sequence_len),
-                           master_weights=0, cuda_graph=0)
-        return build_engine(cfg, params, tcfg, log=log, inference=True)
+        from llmpy.train import inference_config
+        return build_engine(cfg, params, inference_config(device, batch_size, min(seq_len, cfg.sequence_len)),
+                            log=log, inference=True)
     import llmpy.cpu as ops
     return NanoChat(cfg, ops, params=params)

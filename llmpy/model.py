@@ -178,6 +178,7 @@ class FlatParamModel:
 
     checkpoint_dtype = "fp32"   # CPU models are saved in float32
     unstacked: tuple = ()       # tensors that are one piece each under ZeRO-1; the rest are (L, ...) stacks
+    optimizer = "adamw"
 
     def _init_flat(self, config, ops, shapes: dict, dtype, params):
         """The flat parameter buffer (a copy of `params` when given) and its views `p`; empty state."""
@@ -200,10 +201,12 @@ class FlatParamModel:
         """Whether AdamW's weight decay applies to tensor `name`."""
         return True
 
-    def shard_by_layer(self, name: str) -> bool:
-        """ZeRO-1: True when the tensor's optimizer needs whole per-layer matrices (Muon), so that each rank
-        owns whole layers of it instead of a piece of every layer."""
-        return False
+    @staticmethod
+    def whole_matrix_tensors(optimizer: str) -> tuple:
+        """The tensors whose optimizer works on whole per-layer matrices (Muon's): ZeRO-1 gives each rank
+        whole layers of them instead of a piece of every layer. Static, so the layout can be checked from
+        the config before a model is built (llmpy.families.zero_layout)."""
+        return ()
 
     def tensor_update(self, name: str, param, m, v, grad, *, lr, beta1, beta2, eps, weight_decay, t,
                       grad_scale=1.0, master=None, seed=0):

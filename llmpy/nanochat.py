@@ -308,14 +308,15 @@ class NanoChat(FlatParamModel):
             self.tensor_update(name, self.p[name], m[name], v[name], self.g[name], lr=lr, beta1=beta1,
                                beta2=beta2, eps=eps, weight_decay=weight_decay, t=t, grad_scale=grad_scale)
 
-    def shard_by_layer(self, name: str) -> bool:
-        return self.optimizer == "muon" and name in MATRICES
+    @staticmethod
+    def whole_matrix_tensors(optimizer: str) -> tuple:
+        return MATRICES if optimizer == "muon" else ()
 
     def tensor_update(self, name: str, param, m, v, grad, *, lr, beta1, beta2, eps, weight_decay, t,
                       grad_scale=1.0, master=None, seed=0):
         """Muon on the block matrices (param: whole layers of the stack, any shape holding them) at
         muon_lr times the schedule's factor; AdamW (weight decay on every tensor) on the others."""
-        if not self.shard_by_layer(name):
+        if name not in self.whole_matrix_tensors(self.optimizer):
             super().tensor_update(name, param, m, v, grad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, t=t,
                                   weight_decay=weight_decay, grad_scale=grad_scale, master=master, seed=seed)
             return

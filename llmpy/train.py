@@ -236,6 +236,12 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
+def inference_config(device: str, batch_size: int, seq_len: int) -> TrainConfig:
+    """The engine settings of sampling and evaluation (llmpy/commands.py, llmpy/families.py): planned for
+    (batch_size, seq_len), no master weights, no CUDA graph."""
+    return TrainConfig(device=device, batch_size=batch_size, seq_len=seq_len, master_weights=0, cuda_graph=0)
+
+
 def model_factory(cfg: TrainConfig, device: str, *, log=print, inference: bool = False):
     """make_model(gpt_config, host_float32_params) -> GPT on `device` ('cpu' or 'cuda'): the NumPy model,
     or the GPU engine set up from cfg (precision, graph, batch shape; inference: no optimizer state)."""

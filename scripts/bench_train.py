@@ -94,13 +94,6 @@ def flops_per_token(cfg, T: int) -> int:
     return 6 * num_parameters(cfg) + 6 * cfg.num_layers * cfg.channels * T
 
 
-def count_parameters(cfg) -> int:
-    if isinstance(cfg, NanoChatConfig):
-        from llmpy.nanochat import num_parameters as nanochat_parameters
-        return nanochat_parameters(cfg)
-    return num_parameters(cfg)
-
-
 def describe_model(cfg) -> str:
     if isinstance(cfg, NanoChatConfig):
         return (f"nanochat L={cfg.n_layer} C={cfg.n_embd} NH={cfg.n_head} NKV={cfg.n_kv_head} "
@@ -135,14 +128,27 @@ def maxrss_mb() -> float:
 # llmpy
 
 
-def bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peak) -> dict:
-    import llmpy.cpu as ops
-    from llmpy.model import GPT
-    tracemalloc.start()   # NumPy reports its buffers to tracemalloc: set-up + first step = the peak
-    if isinstance(cfg, NanoChatConfig):
-        model = NanoChat(cfg, ops, params=params, optimizer=args.optimizer, muon_lr=MUON_LR, peak_lr=LR)
+def build_model(cfg, params, args, device: str, B: int, T: int, options: dict | None = None):
+    """The model llmpy's trainer builds for cfg (llmpy.families.build: GPT-2 or nanochat with --optimizer),
+    on the CPU or as the GPU engine with the trainer's defaults plus `options` (TrainConfig fields)."""
+    from llmpy.train import TrainConfig
+    tcfg = dataclasses.replace(TrainConfig(), batch_size=B, seq_len=T, device=device, optimizer=args.optimizer,
+                               muon_lr=MUON_LR, learning_rate=LR, **(options or {}))
+    quiet = lambda *a: None  # noqa: E731
+    if device == "cuda":
+        import llmpy.gpu as ops
+        from llmpy.gpu.engine import GPUGPT, engine_options
+        make_gpt = lambda c, p: GPUGPT(c, ops, params=p, log=quiet, **engine_options(tcfg))  # noqa: E731
     else:
-        model = GPT(cfg, ops, params=params)
+        import llmpy.cpu as ops
+        from llmpy.model import GPT
+        make_gpt = lambda c, p: GPT(c, ops, params=p)  # noqa: E731
+    return families.build(cfg, params, tcfg, make_gpt, device=device, log=quiet)
+
+
+def bench_llmpy_cpu(cfg, params, inp, tgt, args, fpt, peak) -> dict:
+    tracemalloc.start()   # NumPy reports its buffers to tracemalloc: set-up + first step = the peak
+    model = build_model(cfg, params, args, "cpu", *inp.shape)
     losses = [llmpy_step(model, inp, tgt, 1, seed=1, split=True)[0]]
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -262,19 +268,9 @@ def bench_llmpy_gpu(cfg, params, inp, tgt, args, fpt, peaks, options: dict) -> d
     """One llmpy variant: GPUGPT with the trainer's defaults plus `options` (TrainConfig fields), timed
     on the host NumPy tokens inp/tgt, as train.py feeds it."""
     import cupy as cp
-    import llmpy.gpu as ops
-    from llmpy.gpu.engine import GPUGPT, engine_options
-    from llmpy.train import TrainConfig
-    tcfg = dataclasses.replace(TrainConfig(), batch_size=inp.shape[0], seq_len=inp.shape[1], device="cuda",
-                               optimizer=args.optimizer, muon_lr=MUON_LR, learning_rate=LR, **options)
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    if isinstance(cfg, NanoChatConfig):
-        from llmpy.gpu.nanochat_engine import build_engine
-        engine = build_engine(cfg, params, tcfg, log=lambda *a: None)
-    else:
-        engine = GPUGPT(cfg, ops, params=params, log=lambda *a: None, **engine_options(tcfg))
-    with engine as model:
+    with build_model(cfg, params, args, "cuda", *inp.shape, options) as model:
         losses, times, enqueue = [], [], []
         for i in range(args.warmup + args.steps):
             loss, s = llmpy_step(model, inp, tgt, i + 1, seed=i + 1)
@@ -487,13 +483,13 @@ def main(argv=None) -> int:
         gemm = bu.measure_gemm_rate(np, 1024 if args.quick else 2048, np.float32,
                                     timer=lambda fn, **kw: bu.time_cpu(fn, **kw))
         peaks = {"gemm_tflops": gemm["tflops"], "gemm": gemm}
-    print(f"device: {meta['device']}; {describe_model(cfg)}, {count_parameters(cfg):,} params; B={B} T={T}; "
+    print(f"device: {meta['device']}; {describe_model(cfg)}, {params.size:,} params; B={B} T={T}; "
           f"{fpt / 1e9:.4f} GFLOP/token; threads {args.threads}; "
           f"measured GEMM peak {gemm['tflops']:.3f} TFLOP/s")
     print("bench_train: timings are only comparable on an otherwise idle machine")
 
     result = {**meta, "threads": args.threads if args.device == "cpu" else None,
-              "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(cfg), "B": B, "T": T,
+              "config": dataclasses.asdict(cfg), "num_parameters": params.size, "B": B, "T": T,
               "family": "nanochat" if isinstance(cfg, NanoChatConfig) else "gpt2", "optimizer": args.optimizer,
               "steps": args.steps, "warmup": args.warmup, "flops_per_token": fpt, "peaks": peaks}
     path = out / f"bench_train_{args.device}.json"

@@ -373,26 +373,3 @@ def test_state_of_the_other_optimizer_is_refused(rng):
         NanoChat(cfg, ops, optimizer="muon").load_optimizer_state(states["adamw"])
     with pytest.raises(LlmpyError, match="--optimizer adamw: .* written by muon"):
         NanoChat(cfg, ops, optimizer="adamw").load_optimizer_state(states["muon"])
-
-
-def test_two_processes_match_one_process_with_muon(tmp_path, shards):
-    """Data parallel at -z 0 (llmpy/dist): 2 ranks x B=2 with Muon follow 1 rank x B=4 step for step."""
-    import test_dist
-    from llmpy.cli import main
-    test_dist.mpiexec()
-    cfg = NanoChatConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, vocab_size=2048, sequence_len=64)
-    start = str(tmp_path / "start")
-    families.save_model_dir(start, cfg, init_params(cfg))
-
-    def args(out, B):
-        return train_args(start, shards, tmp_path / out, 4, "-b", str(B), "-n", "4", "--optimizer", "muon")
-
-    assert main(args("one", 4)) == 0
-    r = test_dist.run(["-m", "llmpy", *args("two", 2)], tmp_path, n=2)
-    assert r.returncode == 0, r.stderr
-    assert "data parallel: 2 processes (mpi), ZeRO stage 0" in r.stdout
-    np.testing.assert_allclose([x for _, x in logged(tmp_path / "two", "train")],
-                               [x for _, x in logged(tmp_path / "one", "train")], atol=1e-5, rtol=0)
-    one = families.load_model_dir(str(tmp_path / "one" / "model_00000004"))[1]
-    two = families.load_model_dir(str(tmp_path / "two" / "model_00000004"))[1]
-    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)

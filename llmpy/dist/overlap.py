@@ -24,8 +24,6 @@ bits may depend on how its ring chunks a buffer (every rank still gets the same 
 """
 from __future__ import annotations
 
-from llmpy.dist.zero import WHOLE_TENSORS
-
 
 def cuda_module():
     """The CUDA API the streams and events come from (the kernel emulator substitutes its own)."""
@@ -47,10 +45,10 @@ class LayerReducer:
     def _slices(self, layer):
         """Layer `layer`'s gradient slices in parameter order, or with None wte, wpe, lnfw, lnfb. Made
         per call (no views kept), so the engine's arena goes back to the pool when the model closes."""
-        L = self.model.config.num_layers
+        L, whole = self.model.config.num_layers, self.model.unstacked
         if layer is None:
-            return [self.model.g[name].reshape(-1) for name in WHOLE_TENSORS]
-        return [view.reshape(L, -1)[layer] for name, view in self.model.g.items() if name not in WHOLE_TENSORS]
+            return [self.model.g[name].reshape(-1) for name in whole]
+        return [view.reshape(L, -1)[layer] for name, view in self.model.g.items() if name not in whole]
 
     def _reduce_on_side_stream(self, bufs) -> None:
         self.forked.record(self.cuda.get_current_stream())

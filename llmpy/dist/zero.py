@@ -15,8 +15,8 @@ pieces, and the pieces are all-gathered back into every rank's full parameters. 
 master are flat buffers of num_parameters / N floats ordered tensor, layer, piece (llm.c's state-file
 order). The global gradient norm is the sum over ranks of the squares of the own pieces (llm.c PR #524).
 
-Muon orthogonalises whole matrices, so a tensor the model shards by layer (`model.shard_by_layer`:
-nanochat's block matrices under Muon) is split by layers instead, as nanochat's DistMuon does: rank r
+Muon orthogonalises whole matrices, so the tensors a model names in `whole_matrix_tensors(optimizer)`
+(nanochat's block matrices under Muon) are split by layers instead, as nanochat's DistMuon does: rank r
 owns layers r, r + N, r + 2N, ... whole. The same two collectives serve: layers [kN, (k+1)N) are one
 contiguous buffer whose reduce-scatter leaves layer kN + r's averaged gradient on rank r, and whose
 all-gather brings every rank the N updated layers. The layer count must divide by N.
@@ -85,7 +85,7 @@ def shard_layout(shapes: dict, rank: int, world: int, *, unstacked=WHOLE_TENSORS
     return out
 
 
-def rank_layout(shapes: dict, comm: Communicator, *, unstacked=WHOLE_TENSORS, by_layer=()) -> list[Shard]:
+def rank_layout(shapes: dict, comm: Communicator, *, unstacked, by_layer) -> list[Shard]:
     """shard_layout for this rank, or the one line every rank agrees on when the model does not split."""
     try:
         return shard_layout(shapes, comm.rank, comm.size, unstacked=unstacked, by_layer=by_layer)
@@ -125,8 +125,8 @@ class ShardedOptimizer:
 
     def __init__(self, model, comm: Communicator):
         self.model, self.comm = model, comm
-        by_layer = tuple(name for name in model.shapes if model.shard_by_layer(name))
-        self.shards = rank_layout(model.shapes, comm, unstacked=model.unstacked, by_layer=by_layer)
+        self.shards = rank_layout(model.shapes, comm, unstacked=model.unstacked,
+                                  by_layer=model.whole_matrix_tensors(model.optimizer))
         self.numel = sum(len(s.held) * s.piece for s in self.shards)
         xp = model.xp
         self.m = xp.zeros(self.numel, dtype=F32)
@@ -325,33 +325,28 @@ class DataParallel:
         return report
 
 
-def check_world_size(out_dir: str, step: int, comm: Communicator) -> None:
-    """-y 1 resumes only on the number of processes that wrote the checkpoint (every rank has its own
-    piece of the optimizer state and of the data); said in one line, by rank 0, naming both counts."""
-    from llmpy import checkpoint
-    from llmpy.data import read_header
-    path = checkpoint.state_path(out_dir, step, 0)
-    header, _ = read_header(path, "state file")
-    written = int(header[checkpoint.SLOT_NUM_PROCESSES])
-    if written != comm.size:
-        raise RankAgreedError(f"-y 1: the checkpoint at step {step} in {out_dir} was written by {written} "
-                              f"process{'es' if written != 1 else ''}, this run has {comm.size}; resume with "
-                              f"{written} (mpiexec -n {written} or -pn {written})", rank=comm.rank)
-
-
 def effective_stage(zero_stage: int) -> int:
     """The stage that runs for -z: 2 and 3 are not implemented and run stage 0 (as llm.c)."""
     return zero_stage if zero_stage in (0, 1) else 0
 
 
 def check_resume_settings(out_dir: str, step: int, comm: Communicator, *, zero_stage: int, optimizer: str) -> None:
-    """-y 1 resumes only with the --optimizer that wrote the checkpoint (AdamW's m and v mean something
-    else to Muon, whose tensors also shard differently), and on several processes only with the same -z
-    (stage 1's state files hold each rank's 1/P share of m and v, stage 0's all of them; one process keeps
-    everything under either stage, in the same order, so it may switch). One line, by rank 0, naming both."""
+    """What the header of the checkpoint's state file (rank 0's, read by every rank) says -y 1 needs, each
+    said in one line by rank 0 naming both values:
+      - the number of processes that wrote it (every rank has its own piece of the optimizer state and
+        of the data);
+      - the --optimizer that wrote it (AdamW's m and v mean something else to Muon, whose tensors also
+        shard differently);
+      - on several processes, the same -z (stage 1's state files hold each rank's 1/P share of m and v,
+        stage 0's all of them; one process keeps everything under either stage, in the same order)."""
     from llmpy import checkpoint
     from llmpy.data import read_header
-    header, _ = read_header(checkpoint.state_path(out_dir, step, 0), "state file")   # every rank reads the same file
+    header, _ = read_header(checkpoint.state_path(out_dir, step, 0), "state file")
+    written = int(header[checkpoint.SLOT_NUM_PROCESSES])
+    if written != comm.size:
+        raise RankAgreedError(f"-y 1: the checkpoint at step {step} in {out_dir} was written by {written} "
+                              f"process{'es' if written != 1 else ''}, this run has {comm.size}; resume with "
+                              f"{written} (mpiexec -n {written} or -pn {written})", rank=comm.rank)
     opt = int(header[checkpoint.SLOT_OPTIMIZER]) - 1          # -1: not recorded (llm.c, older llmpy)
     if opt >= 0 and checkpoint.OPTIMIZERS[opt] != optimizer:
         written = checkpoint.OPTIMIZERS[opt]

@@ -34,7 +34,6 @@ from llmpy.rng import XorShiftStar
 
 F32, I32, U32 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.uint32)
 NUM_TENSORS = 16                       # parameter tensors: one AdamW launch and one seed each
-WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")   # the rest are (L, ...) stacks: one AdamW slice per layer
 LT_WORKSPACE_BYTES = 32 * 1024 * 1024  # cuBLASLt workspace (llm.c: 32 MiB), carved from the arena
 
 
@@ -92,11 +91,12 @@ def adamw_seeds(rng_state: int) -> list[int]:
 AMPERE_SM = 80   # sm_80: bf16 and TF32 tensor-core matmuls (and the fused attention's cp.async/mma.sync)
 
 
-def engine_options(cfg, sm: int = 90) -> dict:
+def engine_options(cfg, sm: int = 90, *, inference: bool = False) -> dict:
     """GPUGPT keyword arguments from a TrainConfig, on a GPU of compute capability sm (80: sm_80): llm.c's
     defaults are bf16 with fp32 master weights; --dtype fp32 trains in fp32 (TF32 matmuls unless -f 0),
     where a master copy would be a duplicate. --dtype auto is fp32 below sm_80 (a T4, say), which has no
-    bf16 matmuls; --dtype bf16 there is an error."""
+    bf16 matmuls; --dtype bf16 there is an error. The arena holds the optimizer state unless ZeRO-1 keeps
+    it (-z 1) or the engine is for inference (sampling, evaluation)."""
     if cfg.dtype == "bf16" and sm < AMPERE_SM:
         raise LlmpyError(f"--dtype bf16: this GPU (sm_{sm}) has no bf16 matmuls, which need sm_{AMPERE_SM} "
                          "or newer; use --dtype fp32")
@@ -105,7 +105,7 @@ def engine_options(cfg, sm: int = 90) -> dict:
                 master_weights=bool(cfg.master_weights) and dtype == "bf16",
                 recompute=cfg.recompute >= 1, gelu_fusion=cfg.gelu_fusion,
                 cuda_graph=bool(cfg.cuda_graph), tf32=bool(cfg.tf32) and dtype == "fp32" and sm >= AMPERE_SM,
-                flash_attention=int(cfg.flash_attention), optimizer_state=cfg.zero_stage != 1)
+                flash_attention=int(cfg.flash_attention), optimizer_state=cfg.zero_stage != 1 and not inference)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -127,9 +127,7 @@ def train_setup(cfg, *, log=print, inference=False):
     import llmpy.gpu as ops
     name, sm = device_description()
     log(f"device: cuda ({name}, {sm})")
-    opts = engine_options(cfg, int(sm.removeprefix("sm_")))
-    if inference:
-        opts["optimizer_state"] = False
+    opts = engine_options(cfg, int(sm.removeprefix("sm_")), inference=inference)
     if opts["dtype"] == "bf16":
         log("precision: bf16 params, grads and activations, fp32 AdamW state, "
             + ("fp32 master weights (-w 1)" if opts["master_weights"] else "no master weights (-w 0)"))
@@ -507,7 +505,7 @@ class GPUGPT(ArenaEngine, GPT):
     # ---- optimizer ---------------------------------------------------------------------------------
     def _slices(self, name: str) -> int:
         """AdamW launches per-layer stacks as L slices (llm.c's grid); part of the rounding geometry."""
-        return 1 if name in WHOLE_TENSORS else self.config.num_layers
+        return 1 if name in self.unstacked else self.config.num_layers
 
     def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
                grad_scale: float = 1.0, seeds=None):

@@ -82,14 +82,14 @@ def build_engine(cfg: NanoChatConfig, params, tcfg, *, log=print, inference=Fals
     """The engine llmpy/families.py builds for `--device cuda`, with GPT-2's precision options (inference:
     no optimizer state, for sampling and evaluation)."""
     import llmpy.gpu as ops
-    opts = engine_options(tcfg, int(engine.device_description()[1].removeprefix("sm_")))
+    opts = engine_options(tcfg, int(engine.device_description()[1].removeprefix("sm_")), inference=inference)
     if opts["flash_attention"]:
         log("flash attention: the nanochat engine uses the materialised attention")
     return NanoChatGPU(cfg, ops, params=params, dtype=opts["dtype"], batch_size=opts["batch_size"],
                        seq_len=opts["seq_len"], master_weights=opts["master_weights"],
                        cuda_graph=opts["cuda_graph"], tf32=opts["tf32"], optimizer=tcfg.optimizer,
                        muon_lr=tcfg.muon_lr, peak_lr=tcfg.learning_rate,
-                       optimizer_state=opts["optimizer_state"] and not inference, log=log)
+                       optimizer_state=opts["optimizer_state"], log=log)
 
 
 class NanoChatGPU(ArenaEngine, NanoChat):
@@ -196,9 +196,6 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         """Per-layer stacks are updated as L slices (llm.c's geometry); it shapes the rounding noise."""
         return 1 if name in ADAMW_ONLY else self.config.n_layer
 
-    def _muon(self, name) -> bool:
-        return self.optimizer == "muon" and name in MATRICES
-
     def update(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int,
                grad_scale: float = 1.0, seeds=None):
         """One optimizer step (as NanoChat.update) on the master weights when kept; seeds[i] (the first 8
@@ -226,7 +223,7 @@ class NanoChatGPU(ArenaEngine, NanoChat):
         a, m, v, master = self.arena, self._views(self.m), self._views(self.v), self._views(self.master)
         for i, name in enumerate(self.shapes):
             seed_ptr = a["seeds"][i:i + 1] if device else None
-            if self._muon(name):
+            if name in self.whole_matrix_tensors(self.optimizer):
                 self.ops.muon_update(self.p[name], m[name], self.g[name], lr=muon_lr, grad_scale=kw["grad_scale"],
                                      master=master[name], seed=int(seeds[i]), seed_ptr=seed_ptr,
                                      scalars=a["muon_scalars"] if device else None,
